@@ -1,0 +1,143 @@
+"""The ``plugway`` command.
+
+    plugway run      [-c FILE]     serve
+    plugway check    [-c FILE]     validate configuration and plugin settings (like nginx -t)
+    plugway config show [-c FILE]  print the effective configuration, defaults filled in
+    plugway init     [-o FILE]     write a commented starter configuration
+    plugway plugins  [-c FILE]     list installed plugins and where they are enabled
+
+The configuration file is ``-c FILE``, else ``$PLUGWAY_CONFIG``, else
+``/etc/plugway/plugway.toml``. Exit status 2 means the configuration is invalid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from . import config
+from .config.schema import ConfigErrors
+from .config.starter import starter_config
+from .plugins import describe_installed, load_plugins
+
+DEFAULT_CONFIG = "/etc/plugway/plugway.toml"
+EXIT_CONFIG_INVALID = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "command"):
+        parser.print_help()
+        return 1
+    try:
+        return args.command(args) or 0
+    except ConfigErrors as exc:
+        print(f"plugway: the configuration in {args.config} is invalid:", file=sys.stderr)
+        for error in exc.errors:
+            print(f"  {error}", file=sys.stderr)
+        return EXIT_CONFIG_INVALID
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="plugway", description="Plugway API gateway")
+    commands = parser.add_subparsers(metavar="COMMAND")
+    default_config = os.environ.get("PLUGWAY_CONFIG", DEFAULT_CONFIG)
+
+    def command(name: str, function, help: str, with_config: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.set_defaults(command=function)
+        if with_config:
+            sub.add_argument("-c", "--config", default=default_config, help="configuration file")
+        return sub
+
+    command("run", run, "serve the gateway")
+    command("check", check, "validate the configuration and plugin settings without starting anything")
+    show = commands.add_parser("config", help="inspect the configuration").add_subparsers(metavar="ACTION")
+    show_cmd = show.add_parser("show", help="print the effective configuration with defaults filled in")
+    show_cmd.set_defaults(command=config_show)
+    show_cmd.add_argument("-c", "--config", default=default_config)
+    init = command("init", init_config, "write a commented starter configuration", with_config=False)
+    init.add_argument("-o", "--output", help="file to write (default: standard output)")
+    command("plugins", list_plugins, "list installed plugins, their version, priority and where they are enabled")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    settings = config.load(args.config)
+    return settings, load_plugins(settings)
+
+
+def check(args: argparse.Namespace) -> int:
+    settings, plugins = _load(args)
+    names = ", ".join(plugin.name for plugin in plugins.plugins) or "none"
+    print(
+        f"plugway: the configuration in {args.config} is valid: {len(settings.routes)} routes, "
+        f"{len(settings.upstreams)} upstreams, plugins: {names}"
+    )
+    return 0
+
+
+def config_show(args: argparse.Namespace) -> int:
+    settings, plugins = _load(args)
+    sys.stdout.write(config.dumps(settings, plugins.rendered(settings)))
+    return 0
+
+
+def init_config(args: argparse.Namespace) -> int:
+    text = starter_config()
+    if args.output:
+        path = Path(args.output)
+        if path.exists():
+            print(f"plugway: {path} exists; not overwriting it", file=sys.stderr)
+            return 1
+        path.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def list_plugins(args: argparse.Namespace) -> int:
+    settings = config.load(args.config) if Path(args.config).exists() else None
+    loaded = {plugin.name: plugin for plugin in load_plugins(settings).plugins} if settings else {}
+    rows = [("NAME", "VERSION", "PRIORITY", "ENABLED")]
+    seen = set()
+    for name, version, _ in describe_installed():
+        rows.append((name, version, *_where(loaded.get(name), settings)))
+        seen.add(name)
+    for name, plugin in loaded.items():
+        if name not in seen:
+            rows.append((name, plugin.version or "-", *_where(plugin, settings)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _where(plugin, settings) -> tuple[str, str]:
+    if plugin is None:
+        return "-", "not configured"
+    routes = sorted(plugin.route_settings)
+    if plugin.enabled_globally and len(routes) == len(settings.routes):
+        return str(plugin.priority), "all routes"
+    return str(plugin.priority), ("routes: " + ", ".join(routes)) if routes else "no route"
+
+
+def run(args: argparse.Namespace) -> int:
+    from .logs import setup_logging
+    from .sockets import bind_listener
+    from .worker import Worker
+
+    settings, plugins = _load(args)
+    setup_logging(settings.log.level)
+    server = settings.server
+    listeners = [(bind_listener(address, backlog=server.backlog), "http") for address in server.listen]
+    admin = bind_listener(settings.admin.listen, backlog=128, reuse_port=False) if settings.admin.listen else None
+    Worker(settings, listeners, admin, plugins=plugins).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""The core configuration: frozen settings classes, one per TOML table.
+
+Plugin tables (``[plugins.NAME]`` and ``[routes.plugins.NAME]``) are kept as
+raw, read-only tables here; each plugin reads its own (see ``gateway.plugins``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from ..paths import BadPath, canonical_path, template_error
+from .schema import setting
+from .units import Duration, Size
+
+Table = Mapping[str, Any]
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """'0.0.0.0:8080', '[::]:8080', 'localhost:80' -> (host, port)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not an address such as \"0.0.0.0:8080\"")
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f'{text!r} is not host:port (for example "0.0.0.0:8080" or "[::]:8080")')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)
+    elif not host or ":" in host:
+        raise ValueError(f'{text!r}: write IPv6 hosts in brackets, as "[::]:8080"')
+    return host, int(port)
+
+
+def _check_address(text: Any) -> str:
+    parse_address(text)
+    return text
+
+
+def _parse_listen(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise ValueError('must be an array of addresses, such as ["0.0.0.0:8080"]')
+    return tuple(_check_address(item) for item in raw)
+
+
+def _parse_workers(raw: Any) -> int | str:
+    if raw == "auto":
+        return raw
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise ValueError(f'must be "auto" or a positive integer, not {raw!r}')
+    return raw
+
+
+def _parse_networks(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list):
+        raise ValueError("must be an array of addresses or CIDR ranges")
+    for item in raw:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except (ValueError, TypeError):
+            raise ValueError(f"{item!r} is not an IP address or CIDR range") from None
+    return tuple(raw)
+
+
+def _parse_header_name(raw: Any) -> str:
+    if not isinstance(raw, str) or not raw or not all(c.isalnum() or c == "-" for c in raw):
+        raise ValueError(f"{raw!r} is not a header name (letters, digits and '-')")
+    return raw
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return _FrozenTable({key: _freeze(item) for key, item in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(item) for item in value)
+    return value
+
+
+class _FrozenTable(Mapping):
+    """A read-only TOML table that compares equal to the dict it came from."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return repr(self._data)
+
+
+def _parse_plugin_tables(raw: Any) -> Mapping[str, Table]:
+    if not isinstance(raw, Mapping):
+        raise ValueError("must be a table of plugin tables")
+    for name, table in raw.items():
+        if not isinstance(table, Mapping):
+            raise ValueError(f"plugins.{name} must be a table, as [plugins.{name}]")
+    return _freeze(raw)
+
+
+def _render_plugin_tables(tables: Mapping[str, Table]) -> dict[str, Any]:
+    def thaw(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {key: thaw(item) for key, item in value.items()}
+        if isinstance(value, tuple):
+            return [thaw(item) for item in value]
+        return value
+
+    return thaw(tables)
+
+
+def plugin_tables(**kwargs: Any) -> Any:
+    return setting(
+        doc=kwargs.pop("doc"),
+        factory=lambda: _FrozenTable({}),
+        parse=_parse_plugin_tables,
+        render=_render_plugin_tables,
+    )
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: tuple[str, ...] = setting(
+        ("0.0.0.0:8080",), doc='Addresses to serve on, "host:port"; IPv6 as "[::]:8080".', parse=_parse_listen,
+    )
+    workers: int | str = setting("auto", doc='Worker processes; "auto" is the CPU count.', parse=_parse_workers)
+    client_max_body: Size = setting(Size("10MiB"), doc="Largest request body accepted (413 beyond it).")
+    trusted_proxies: tuple[str, ...] = setting(
+        (), doc="Peers allowed to supply X-Forwarded-* and Forwarded; everyone else's are replaced.",
+        parse=_parse_networks,
+    )
+    backlog: int = setting(2048, doc="Length of each listening socket's accept queue (capped by net.core.somaxconn).")
+    request_id_header: str = setting(
+        "X-Request-ID", doc="Header carrying the request id to the upstream and back.", parse=_parse_header_name,
+    )
+    keepalive_timeout: Duration = setting(Duration("75s"), doc="Idle client keep-alive connections close after this.")
+    graceful_timeout: Duration = setting(
+        Duration("30s"), doc="On stop or reload, in-flight requests get this long to finish.",
+    )
+    max_request_line: Size = setting(Size(8190), doc="Longest request line (414 beyond it).")
+    max_header_size: Size = setting(Size(8190), doc="Longest single header line (431 beyond it).")
+    max_headers: int = setting(128, doc="Most header lines in one request (431 beyond it).")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if not self.listen:
+            yield "listen", "needs at least one address"
+        if self.max_headers < 1:
+            yield "max_headers", "must be at least 1"
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    listen: str | None = setting(
+        "127.0.0.1:9901", doc="Admin listener for /health, /ready and /metrics; remove to disable.",
+        parse=_check_address,
+    )
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    access: bool = setting(True, doc="Write one JSON line per request to stdout.")
+    level: Literal["debug", "info", "warning", "error"] = setting("info", doc="Level of the gateway's own log.")
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    url: str = setting(doc='Where to send requests: "http://host:port" or "https://host:port".')
+    weight: int = setting(1, doc="Share of traffic relative to the other targets.")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            yield "url", f'{self.url!r} is not an http:// or https:// URL with a host'
+        elif parts.path not in ("", "/") or parts.query or parts.fragment:
+            yield "url", "must not have a path, query or fragment (use the route's strip_prefix and path instead)"
+        try:
+            parts.port
+        except ValueError:
+            yield "url", f"{self.url!r} has an invalid port"
+        if not 0 < self.weight <= 1000:
+            yield "weight", "must be between 1 and 1000"
+
+
+Balance = Literal["round_robin", "least_conn", "p2c", "hash"]
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    name: str = setting(doc="Name that routes refer to.")
+    targets: tuple[TargetSettings, ...] = setting(doc="The servers behind this upstream.")
+    balance: Balance = setting("round_robin", doc="round_robin (smooth weighted), least_conn, p2c or hash.")
+    hash_on: str | None = setting(None, doc='For balance = "hash": "header:NAME", "cookie:NAME" or "ip".')
+    connect_timeout: Duration = setting(Duration("5s"), doc="Time allowed to open a connection to a target.")
+    read_timeout: Duration = setting(Duration("60s"), doc="Longest wait for the next byte of a response.")
+    write_timeout: Duration = setting(Duration("60s"), doc="Longest wait for the target to take more request bytes.")
+    max_connections: int = setting(256, doc="Connections per target per worker; more requests wait connect_timeout.")
+    keepalive_timeout: Duration = setting(Duration("60s"), doc="Idle keep-alive connections to a target close after this.")
+    tls_verify: bool = setting(True, doc="Verify https targets' certificates and host names.")
+    tls_ca_file: str | None = setting(None, doc="CA bundle for https targets; the system store when unset.")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if not self.targets:
+            yield "targets", "needs at least one target"
+        if self.balance == "hash":
+            if self.hash_on is None:
+                yield "hash_on", 'is required with balance = "hash"'
+            elif not (self.hash_on == "ip" or self.hash_on.partition(":")[0] in ("header", "cookie")
+                      and self.hash_on.partition(":")[2]):
+                yield "hash_on", f'{self.hash_on!r} must be "header:NAME", "cookie:NAME" or "ip"'
+        elif self.hash_on is not None:
+            yield "hash_on", 'only applies with balance = "hash"'
+        if self.max_connections < 1:
+            yield "max_connections", "must be at least 1"
+        if self.tls_ca_file is not None and not os.path.isfile(self.tls_ca_file):
+            yield "tls_ca_file", f"{self.tls_ca_file!r} is not a readable file"
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    name: str = setting(doc="Name used in logs and metrics.")
+    upstream: str = setting(doc="Name of the upstream that serves this route.")
+    prefix: str | None = setting(None, doc="Segment-aware path prefix: /api matches /api and /api/..., not /apix.")
+    path: str | None = setting(None, doc='Path template with named segments, such as "/users/{id}".')
+    methods: tuple[str, ...] = setting((), doc="Allowed methods; others get 405 with Allow. Empty allows all.")
+    hosts: tuple[str, ...] = setting((), doc='Host names this route serves ("*.example.com" allowed). Empty: any.')
+    strip_prefix: bool = setting(False, doc="Remove the matched prefix before forwarding.")
+    preserve_host: bool = setting(False, doc="Forward the client's Host instead of the target's.")
+    plugins: Mapping[str, Table] = plugin_tables(doc="Per-route plugin settings: [routes.plugins.NAME].")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if (self.prefix is None) == (self.path is None):
+            yield "", 'needs exactly one of "prefix" or "path"'
+        if self.prefix is not None:
+            try:
+                canonical_path(self.prefix)
+            except BadPath as exc:
+                yield "prefix", f"{self.prefix!r}: {exc.reason}"
+        if self.path is not None and (problem := template_error(self.path)):
+            yield "path", f"{self.path!r}: {problem}"
+        if self.strip_prefix and self.prefix is None:
+            yield "strip_prefix", 'only applies to a route with "prefix"'
+        for method in self.methods:
+            if not method.isalpha() or not method.isupper():
+                yield "methods", f"{method!r} is not an upper-case HTTP method"
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    server: ServerSettings = setting(factory=ServerSettings, doc="The client-facing server.")
+    admin: AdminSettings = setting(factory=AdminSettings, doc="The admin listener.")
+    log: LogSettings = setting(factory=LogSettings, doc="Logging.")
+    upstreams: tuple[UpstreamSettings, ...] = setting((), doc="Groups of targets that routes send requests to.")
+    routes: tuple[RouteSettings, ...] = setting((), doc="Which requests go where, in order of specificity.")
+    plugins: Mapping[str, Table] = plugin_tables(doc="Plugins enabled on every route: [plugins.NAME].")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        yield from _duplicates(self.upstreams, "upstreams")
+        yield from _duplicates(self.routes, "routes")
+        known = {upstream.name for upstream in self.upstreams}
+        for index, route in enumerate(self.routes):
+            if route.upstream not in known:
+                yield f"routes[{index}].upstream", f'unknown upstream "{route.upstream}"'
+
+    def upstream(self, name: str) -> UpstreamSettings:
+        return next(upstream for upstream in self.upstreams if upstream.name == name)
+
+
+def _duplicates(items: tuple[Any, ...], key: str) -> Iterator[tuple[str, str]]:
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if item.name in seen:
+            yield f"{key}[{index}].name", f'"{item.name}" is used twice'
+        seen.add(item.name)

@@ -1,0 +1,74 @@
+"""The one object every hook of a request receives."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiohttp.web_request import BaseRequest
+
+    from .routing import Route
+    from .upstream import Target, Upstream
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """Who is calling, as an auth plugin established it."""
+
+    id: str
+    roles: tuple[str, ...] = ()
+    scopes: tuple[str, ...] = ()
+    claims: Mapping[str, Any] = field(default_factory=dict)
+
+
+class RequestContext:
+    """Everything known about one request while it goes through the gateway.
+
+    Read-only for plugins unless said otherwise:
+
+    - ``request``: the aiohttp request (method, headers, body stream).
+    - ``method``, ``host`` (lower-case, no port), ``path`` (canonical, see
+      ``gateway.paths``), ``query`` (raw, without ``?``), ``path_params``.
+    - ``route``: the matched ``Route``; ``upstream`` and ``target`` once chosen.
+    - ``client_ip``: the client address, derived through ``trusted_proxies``;
+      ``peer_ip``: the address of the socket peer.
+    - ``request_id``: sent upstream and back to the client.
+    - ``consumer``: set by an auth plugin (writable), or None.
+    - ``state``: a dict for plugins to share per-request data (writable);
+      key it by your plugin's name.
+    - ``log``: extra fields for the access log line (writable).
+    """
+
+    __slots__ = (
+        "request", "gateway", "method", "host", "path", "query", "path_params", "route", "upstream", "target",
+        "client_ip", "peer_ip", "peer_trusted", "scheme", "request_id", "consumer", "state", "log", "started",
+        "status", "bytes_in", "bytes_out", "upstream_seconds", "error",
+    )
+
+    def __init__(self, request: BaseRequest, gateway: Any, started: float) -> None:
+        self.request = request
+        self.gateway = gateway
+        self.started = started
+        self.method = request.method
+        self.host = ""
+        self.path = ""
+        self.query = ""
+        self.path_params: dict[str, str] = {}
+        self.route: Route | None = None
+        self.upstream: Upstream | None = None
+        self.target: Target | None = None
+        self.client_ip = ""
+        self.peer_ip = ""
+        self.peer_trusted = False
+        self.scheme = "http"
+        self.request_id = ""
+        self.consumer: Consumer | None = None
+        self.state: dict[str, Any] = {}
+        self.log: dict[str, Any] = {}
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream_seconds: float | None = None
+        self.error: Exception | None = None

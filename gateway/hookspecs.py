@@ -1,0 +1,220 @@
+"""Every hook a Plugway plugin can implement, and its contract.
+
+A plugin is a module (or any object) with functions marked ``@gateway.hookimpl``,
+found through the ``plugway`` entry-point group or named by import path in the
+configuration. Only plugins named in the configuration are loaded.
+
+**The request protocol.** For each request the gateway canonicalises the path,
+matches a route, and then runs the route's plugin chain, built once per
+configuration (a route without plugins runs no plugin code at all):
+
+1. ``on_request`` for each plugin on the route, highest priority first. A
+   plugin may answer at once (return a ``Response`` or raise a
+   ``GatewayError``): the remaining request hooks and the upstream are skipped.
+2. ``before_upstream``, highest priority first: the last chance to change
+   the outgoing request or pick another upstream.
+3. The gateway sends the request to a target and waits for the response head.
+   If that fails, ``on_error`` runs (highest priority first) and the first
+   ``Response`` returned replaces the error.
+4. ``on_response``, lowest priority first (the chain unwinds like an onion):
+   change the status, headers or body, or replace the response. When a
+   plugin answered in step 1, only plugins of higher priority than it see
+   that answer here.
+5. The response is written to the client.
+6. ``after_response`` for every plugin on the route, once the client has the
+   answer (or has gone away); for logging and accounting only.
+
+**Arguments.** An implementation may accept any subset of a hook's arguments,
+by name (pluggy's rule). ``settings`` is the plugin's own settings object for
+the route being served: an instance of the class its ``declare_plugin``
+returned, with the route's ``[routes.plugins.NAME]`` keys over the global
+``[plugins.NAME]`` ones.
+
+**Async.** Every hook of a request and of the worker lifecycle may be an
+``async def`` or return an awaitable; the gateway awaits it. Do not block the
+event loop: a worker serves every request on one thread.
+
+**Order.** Plugins run by priority (higher first in the request phases), as
+Kong does; ``priority = N`` in a plugin's table overrides the declared value.
+pluggy's ``tryfirst``/``trylast`` are not used for ordering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .context import RequestContext
+    from .errors import GatewayError
+    from .messages import OutgoingRequest, Response, UpstreamResponse
+    from .plugins import PluginDeclaration
+    from .worker import Gateway
+
+PROJECT = "plugway"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# --- Declaration --------------------------------------------------------------------------------
+
+
+@hookspec
+def declare_plugin() -> PluginDeclaration:
+    """Say what the plugin's configuration looks like and where it runs.
+
+    Called once per process, right after the plugin is loaded, before any
+    configuration is checked (also by ``plugway check`` and ``plugway plugins``).
+
+    Return a ``gateway.PluginDeclaration(settings=Cls, priority=N)``:
+    ``Cls`` is a frozen dataclass whose fields are declared with
+    ``gateway.setting`` (None if the plugin takes no settings); ``N`` orders
+    the plugin among others (higher runs first in the request phases).
+    Every plugin must implement this hook. It must not be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+# --- Worker lifecycle ---------------------------------------------------------------------------
+
+
+@hookspec
+def worker_started(gateway: Gateway) -> None | Awaitable[None]:
+    """Open what the plugin needs in this worker: pools, connections, caches.
+
+    Called once in each worker process after its configuration is loaded and
+    before it accepts connections. The worker reports itself ready only when
+    every implementation has returned (or its awaitable has completed); an
+    exception fails the worker's start-up, and a reload that needed it is
+    reported as failed.
+
+    :param gateway: the worker's ``Gateway``: ``gateway.settings`` (the core
+        configuration), ``gateway.store`` (shared state), ``gateway.loop``.
+
+    The return value is ignored. May be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+@hookspec
+def worker_stopping(gateway: Gateway) -> None | Awaitable[None]:
+    """Close what ``worker_started`` opened.
+
+    Called once when the worker stops (graceful stop, reload or recycle),
+    after in-flight requests have finished or the drain deadline has passed.
+    Implementations run in reverse priority order; an exception is logged and
+    does not stop the others.
+
+    :param gateway: the same ``Gateway`` as in ``worker_started``.
+
+    The return value is ignored. May be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+# --- The request --------------------------------------------------------------------------------
+
+
+@hookspec
+def on_request(ctx: RequestContext, settings: Any) -> Response | None | Awaitable[Response | None]:
+    """Decide about a request before anything is sent upstream (the access phase).
+
+    Called once per request on routes where the plugin is enabled, after
+    routing, highest priority first. ``Expect: 100-continue`` is answered
+    only after every implementation has passed, so a refusal reaches the
+    client before it sends the body.
+
+    :param ctx: the ``RequestContext``; set ``ctx.consumer`` to identify the
+        caller, ``ctx.state[...]`` to share data with later hooks.
+    :param settings: the plugin's settings for this route.
+
+    Return None to let the request continue, or a ``Response`` to answer it
+    at once (for instance a 401 or 429); raising a ``GatewayError`` answers
+    with that error's status and JSON body. May be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+@hookspec
+def before_upstream(ctx: RequestContext, settings: Any, outgoing: OutgoingRequest) -> Response | None | Awaitable[Response | None]:
+    """Change the request about to be sent upstream (the upstream phase).
+
+    Called once per request that passed every ``on_request``, highest
+    priority first, before a target is chosen.
+
+    :param ctx: the ``RequestContext``.
+    :param settings: the plugin's settings for this route.
+    :param outgoing: the ``OutgoingRequest``: change ``method``, ``path``,
+        ``query``, ``headers``, the body (``set_body``) or the upstream
+        (``upstream_name``).
+
+    Return None to continue, or a ``Response`` to answer without contacting
+    the upstream. May be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+@hookspec
+def on_error(ctx: RequestContext, settings: Any, error: GatewayError) -> Response | None | Awaitable[Response | None]:
+    """Offer a fallback when the upstream could not give an answer.
+
+    Called when sending the request or waiting for the response head failed
+    (unreachable, timeout, invalid response, no target available), highest
+    priority first, until one implementation returns a response.
+
+    :param ctx: the ``RequestContext``.
+    :param settings: the plugin's settings for this route.
+    :param error: the ``GatewayError`` that would otherwise be sent.
+
+    Return a ``Response`` to send instead of the error (a cached copy, a
+    static fallback), or None to leave the error as it is. May be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+@hookspec
+def on_response(ctx: RequestContext, settings: Any, response: UpstreamResponse | Response) -> Response | None | Awaitable[Response | None]:
+    """Change the response before it is written to the client (the response phase).
+
+    Called once per response, lowest priority first. The response is the
+    upstream's (``UpstreamResponse``, body still streaming) or one made by
+    the gateway or a plugin (``Response``, including error responses).
+
+    :param ctx: the ``RequestContext``.
+    :param settings: the plugin's settings for this route.
+    :param response: change ``status`` and ``headers`` in place; read the
+        body with ``await response.read(limit)``, replace it with
+        ``set_body(bytes)`` or transform it while it streams with
+        ``wrap_body(async_generator_function)``.
+
+    Return None to keep the (possibly changed) response, or a ``Response`` to
+    send instead. May be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+@hookspec
+def after_response(ctx: RequestContext, settings: Any) -> None | Awaitable[None]:
+    """Account for a request once it is over (the log phase).
+
+    Called once per request on routes where the plugin is enabled, after the
+    response was written or the client went away (``ctx.status`` is then
+    499), in priority order. It cannot change the response.
+
+    :param ctx: the ``RequestContext``, with ``status``, ``bytes_in``,
+        ``bytes_out`` and ``upstream_seconds`` filled in.
+    :param settings: the plugin's settings for this route.
+
+    The return value is ignored. May be async; it is awaited after the
+    response has been written, so it adds no latency for the client.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """

@@ -1,0 +1,134 @@
+"""Runs one routed request through its route's chain, phase by phase, and the upstream.
+
+The order is the one documented in ``gateway.hookspecs``. A route whose chain
+is empty goes straight to the upstream. A ``GatewayError`` raised by a
+plugin or by the data path becomes an error ``Response`` here, so that
+plugins further out in the chain (CORS, security headers) still see it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from . import proxy
+from .errors import GatewayError
+from .forwarding import forwarding_headers, strip_request_headers
+from .messages import OutgoingRequest, Response, UpstreamResponse
+
+if TYPE_CHECKING:
+    from .context import RequestContext
+    from .plugins import Chain
+
+log = logging.getLogger("plugway.pipeline")
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+async def run(ctx: RequestContext) -> Response | UpstreamResponse:
+    """The response to write for ``ctx``, whose route is already matched."""
+    chain = ctx.route.chain
+    if not chain:
+        _answer_expect(ctx)
+        ctx.upstream = ctx.route.upstream
+        return await proxy.send(ctx, outgoing_request(ctx), ctx.upstream)
+    try:
+        response, depth = await _request_phase(ctx, chain)
+        if response is None:
+            _answer_expect(ctx)
+            response = await _upstream_phase(ctx, chain)
+    except GatewayError as error:
+        response, depth = error_response(ctx, error), len(chain.plugins)
+    if chain.on_response:
+        response = await _response_phase(ctx, chain, response, depth)
+    return response
+
+
+async def after_response(ctx: RequestContext) -> None:
+    """The log phase; a failing plugin is logged and never affects the client."""
+    if ctx.route is None:
+        return
+    for step in ctx.route.chain.after_response:
+        try:
+            await _settle(step(ctx))
+        except Exception:
+            log.exception("after_response hook failed", extra={"request_id": ctx.request_id})
+
+
+def outgoing_request(ctx: RequestContext) -> OutgoingRequest:
+    gateway = ctx.gateway
+    raw = ctx.request.raw_headers
+    headers = strip_request_headers(raw, gateway.dropped_request_headers)
+    headers += forwarding_headers(
+        raw, trusted=ctx.peer_trusted, peer=ctx.peer_ip, scheme=ctx.scheme, host=ctx.request.headers.get("Host"),
+    )
+    headers.append((gateway.request_id_header, ctx.request_id.encode()))
+    return OutgoingRequest(ctx.method, ctx.route.upstream_path(ctx.path), ctx.query, headers)
+
+
+def error_response(ctx: RequestContext, error: GatewayError) -> Response:
+    ctx.error = error
+    return Response(error.status, error.body(ctx.request_id), error.headers, content_type="application/json")
+
+
+async def _settle(result: Any) -> Any:
+    if result is not None and hasattr(result, "__await__"):
+        return await result
+    return result
+
+
+async def _request_phase(ctx: RequestContext, chain: Chain) -> tuple[Response | None, int]:
+    for depth, step in chain.on_request:
+        try:
+            result = await _settle(step(ctx))
+        except GatewayError as error:
+            return error_response(ctx, error), depth
+        if result is not None:
+            return result, depth
+    return None, len(chain.plugins)
+
+
+async def _upstream_phase(ctx: RequestContext, chain: Chain) -> Response | UpstreamResponse:
+    outgoing = outgoing_request(ctx)
+    for step in chain.before_upstream:
+        result = await _settle(step(ctx, outgoing))
+        if result is not None:
+            return result
+    upstream = ctx.gateway.upstream(outgoing.upstream_name) if outgoing.upstream_name else ctx.route.upstream
+    ctx.upstream = upstream
+    try:
+        return await proxy.send(ctx, outgoing, upstream)
+    except GatewayError as error:
+        if error.status < 500:
+            raise
+        for step in chain.on_error:
+            result = await _settle(step(ctx, error))
+            if result is not None:
+                ctx.error = error
+                return result
+        raise
+
+
+async def _response_phase(
+    ctx: RequestContext, chain: Chain, response: Response | UpstreamResponse, depth: int,
+) -> Response | UpstreamResponse:
+    for plugin_depth, step in chain.on_response:
+        if plugin_depth >= depth:
+            continue
+        try:
+            result = await _settle(step(ctx, response))
+        except GatewayError as error:
+            result = error_response(ctx, error)
+        if result is not None:
+            if isinstance(response, UpstreamResponse):
+                proxy.finish(ctx, response)
+            response = result
+    return response
+
+
+def _answer_expect(ctx: RequestContext) -> None:
+    """Tell a client waiting on ``Expect: 100-continue`` to send its body, now that it may."""
+    request = ctx.request
+    if request.body_exists and request.version[1] == 1 and request.headers.get("Expect", "").lower() == "100-continue":
+        transport = request.transport
+        if transport is not None:
+            transport.write(_CONTINUE)

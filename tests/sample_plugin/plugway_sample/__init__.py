@@ -1,0 +1,80 @@
+"""A third-party plugin as a plugin author would write one: it implements every hook.
+
+It tags requests and responses so tests can see which hooks ran, in which
+order, and with which per-route settings. ``EVENTS`` records lifecycle and
+log-phase calls in this process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway import GatewayError, PluginDeclaration, Response, hookimpl, setting
+
+EVENTS: list[str] = []
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    tag: str = setting("sample", doc="Name written into the X-Sample-* headers.")
+    refuse_with: int | None = setting(None, doc="Answer every request with this status instead of proxying.")
+    fallback_status: int | None = setting(None, doc="Answer with this status when the upstream fails.")
+    body_suffix: str | None = setting(None, doc="Append this text to response bodies.")
+
+
+class SampleRefused(GatewayError):
+    status, code, message = 401, "sample_refused", "the sample plugin refuses this request"
+
+
+@hookimpl
+def declare_plugin():
+    return PluginDeclaration(settings=SampleSettings, priority=500)
+
+
+@hookimpl
+async def worker_started(gateway):
+    EVENTS.append("worker_started")
+
+
+@hookimpl
+def worker_stopping(gateway):
+    EVENTS.append("worker_stopping")
+
+
+@hookimpl
+async def on_request(ctx, settings):
+    ctx.state.setdefault("order", []).append(f"{settings.tag}:on_request")
+    if settings.refuse_with == 401:
+        raise SampleRefused()
+    if settings.refuse_with is not None:
+        return Response.json({"refused_by": settings.tag}, status=settings.refuse_with)
+    return None
+
+
+@hookimpl
+def before_upstream(ctx, settings, outgoing):
+    ctx.state.setdefault("order", []).append(f"{settings.tag}:before_upstream")
+    outgoing.headers["X-Sample-Tag"] = settings.tag
+
+
+@hookimpl
+def on_error(ctx, settings, error):
+    ctx.state.setdefault("order", []).append(f"{settings.tag}:on_error")
+    if settings.fallback_status is not None:
+        return Response.json({"fallback": error.code}, status=settings.fallback_status)
+    return None
+
+
+@hookimpl
+async def on_response(ctx, settings, response):
+    order = ctx.state.setdefault("order", [])
+    order.append(f"{settings.tag}:on_response")
+    response.headers["X-Sample-Order"] = ",".join(order)
+    if settings.body_suffix is not None:
+        body = await response.read(1 << 20)
+        response.set_body(body + settings.body_suffix.encode())
+
+
+@hookimpl
+def after_response(ctx, settings):
+    EVENTS.append(f"after_response:{ctx.status}")
