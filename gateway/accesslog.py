@@ -21,10 +21,24 @@ if TYPE_CHECKING:
 
 
 class AccessLog:
-    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int = 1) -> None:
+    """Writes to stdout, or to ``path`` (opened for appending, reopened by ``reopen`` on SIGUSR1)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, path: str | None = None) -> None:
         self.loop = loop
-        self.fd = fd
+        self.path = path
+        self.fd = self._open() if path else 1
         self._lines: list[bytes] = []
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def reopen(self) -> None:
+        """After logrotate moved the file: flush to the old one, then write to a new one."""
+        if self.path is None:
+            return
+        self.flush()
+        old, self.fd = self.fd, self._open()
+        os.close(old)
 
     def record(self, ctx: RequestContext, duration: float) -> None:
         entry = {

@@ -1,23 +1,39 @@
-"""The admin listener: liveness, readiness and metrics, on its own address.
+"""The admin listener: liveness, readiness, metrics, cluster status and reload.
 
 - ``GET /health``: 200 while the process serves (liveness).
-- ``GET /ready``: 200 once plugins are started and listeners are open, 503
-  while starting or draining (readiness, for load balancers).
-- ``GET /metrics``: Prometheus text format.
+- ``GET /ready``: 200 once plugins are started and listeners open, 503 while
+  starting or draining (readiness, for load balancers).
+- ``GET /metrics``: Prometheus text format, summed over every worker.
+- ``GET /status``: the supervisor's pid, uptime, configuration generation and
+  hash, and each worker's pid, slot, age, state and requests served.
+- ``POST /reload``: ask the supervisor for a rolling reload (like SIGHUP);
+  202, with the reload number to look for in ``/status``.
+
+``/status`` and ``/reload`` need ``Authorization: Bearer TOKEN`` when
+``admin.token_env`` names an environment variable holding the token; the
+gateway refuses to serve the admin API on a non-loopback address without one.
+In cluster mode the supervisor owns the admin socket and every worker serves
+it, so any worker answers.
 """
 
 from __future__ import annotations
 
+import hmac
+import os
+import signal
 import socket
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from . import runtime
+
 if TYPE_CHECKING:
     from .worker import Gateway
 
 GATEWAY_KEY = web.AppKey("gateway", object)
+TOKEN_KEY = web.AppKey("token", object)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -37,12 +53,61 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=gateway.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+async def status(request: web.Request) -> web.Response:
+    _authorize(request)
+    gateway = request.app[GATEWAY_KEY]
+    cluster = runtime.read_json(gateway.status_file) if gateway.status_file is not None else None
+    if cluster is None:
+        cluster = {"supervisor_pid": None, "workers": [{"pid": os.getpid(), "requests": gateway.requests_served}]}
+    return web.json_response(cluster)
+
+
+async def reload(request: web.Request) -> web.Response:
+    _authorize(request)
+    gateway = request.app[GATEWAY_KEY]
+    cluster = runtime.read_json(gateway.status_file) if gateway.status_file is not None else None
+    if cluster is None:
+        raise _json_error(409, "not_clustered", "this gateway runs without a supervisor")
+    os.kill(cluster["supervisor_pid"], signal.SIGHUP)
+    return web.json_response({"requested": True, "reloads_before": sum(cluster["reloads"].values())}, status=202)
+
+
+def _authorize(request: web.Request) -> None:
+    token = request.app[TOKEN_KEY]
+    if token is None:
+        return
+    supplied = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(supplied.encode(), f"Bearer {token}".encode()):
+        raise _json_error(401, "unauthorized", "a valid admin bearer token is required",
+                          headers={"WWW-Authenticate": 'Bearer realm="plugway-admin"'})
+
+
+def _json_error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.HTTPException:
+    error = web.HTTPException(headers=headers)
+    error.set_status(status)
+    error.content_type = "application/json"
+    error.text = f'{{"error": {{"status": {status}, "code": "{code}", "message": "{message}"}}}}'
+    return error
+
+
+def admin_token(token_env: str | None) -> str | None:
+    if token_env is None:
+        return None
+    token = os.environ.get(token_env, "")
+    if len(token) < 16:
+        raise RuntimeError(f"the admin token in ${token_env} is missing or shorter than 16 characters")
+    return token
+
+
 def admin_app(gateway: Gateway) -> web.Application:
     app = web.Application()
     app[GATEWAY_KEY] = gateway
+    app[TOKEN_KEY] = admin_token(gateway.settings.admin.token_env)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status)
+    app.router.add_post("/reload", reload)
     return app
 
 

@@ -1,6 +1,9 @@
 """The ``plugway`` command.
 
-    plugway run      [-c FILE]     serve
+    plugway run      [-c FILE]     serve: a supervisor and its workers
+    plugway reload   [-c FILE]     rolling reload of the running gateway; waits for the result
+    plugway stop     [-c FILE]     graceful stop (--now: immediate)
+    plugway status   [-c FILE]     the running gateway's supervisor and workers
     plugway check    [-c FILE]     validate configuration and plugin settings (like nginx -t)
     plugway config show [-c FILE]  print the effective configuration, defaults filled in
     plugway init     [-o FILE]     write a commented starter configuration
@@ -14,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 
 from . import config
@@ -53,7 +58,13 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("-c", "--config", default=default_config, help="configuration file")
         return sub
 
-    command("run", run, "serve the gateway")
+    command("run", run, "serve the gateway: a supervisor and its workers")
+    reload = command("reload", reload_gateway, "reload the running gateway (rolling, zero downtime) and wait")
+    reload.add_argument("--no-wait", action="store_true", help="return once the signal is sent")
+    reload.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the result")
+    stop = command("stop", stop_gateway, "stop the running gateway gracefully")
+    stop.add_argument("--now", action="store_true", help="stop at once (SIGQUIT) instead of draining")
+    command("status", show_status, "show the running gateway's supervisor and workers")
     command("check", check, "validate the configuration and plugin settings without starting anything")
     show = commands.add_parser("config", help="inspect the configuration").add_subparsers(metavar="ACTION")
     show_cmd = show.add_parser("show", help="print the effective configuration with defaults filled in")
@@ -126,16 +137,74 @@ def _where(plugin, settings) -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The supervisor. It imports no plugin: workers load them after fork (see gateway.supervisor)."""
+    from . import runtime
     from .logs import setup_logging
-    from .sockets import bind_listener
-    from .worker import Worker
 
-    settings, plugins = _load(args)
+    settings = config.load(args.config)
     setup_logging(settings.log.level)
-    server = settings.server
-    listeners = [(bind_listener(address, backlog=server.backlog), "http") for address in server.listen]
-    admin = bind_listener(settings.admin.listen, backlog=128, reuse_port=False) if settings.admin.listen else None
-    Worker(settings, listeners, admin, plugins=plugins).run()
+    directory = runtime.runtime_dir(settings)
+    try:
+        runtime.claim(directory)
+    except runtime.AlreadyRunning as exc:
+        print(f"plugway: {exc}", file=sys.stderr)
+        return 1
+    runtime.prepare_metrics(directory)  # before prometheus-client is imported below
+    from .supervisor import Supervisor
+
+    return Supervisor(str(Path(args.config).resolve()), settings, directory).run()
+
+
+def _running(args: argparse.Namespace):
+    from . import runtime
+
+    directory = runtime.runtime_dir_of(args.config)
+    pid = runtime.running_pid(directory)
+    if pid is None:
+        raise SystemExit(f"plugway: no running gateway found in {directory}")
+    return runtime, directory, pid
+
+
+def reload_gateway(args: argparse.Namespace) -> int:
+    runtime, directory, pid = _running(args)
+    before = runtime.read_status(directory) or {}
+    number = sum((before.get("reloads") or {}).values())
+    os.kill(pid, signal.SIGHUP)
+    if args.no_wait:
+        return 0
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        status = runtime.read_status(directory) or {}
+        last = status.get("last_reload") or {}
+        if last.get("number", 0) > number:
+            if last["result"] == "success":
+                print(f"plugway: reloaded, now serving generation {last['generation']}")
+                return 0
+            print("plugway: the reload failed; still serving the previous configuration:", file=sys.stderr)
+            for error in last["errors"]:
+                print(f"  {error}", file=sys.stderr)
+            return 1
+        if runtime.running_pid(directory) != pid:
+            print("plugway: the gateway stopped during the reload", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print("plugway: no reload result within the timeout", file=sys.stderr)
+    return 1
+
+
+def stop_gateway(args: argparse.Namespace) -> int:
+    runtime, directory, pid = _running(args)
+    os.kill(pid, signal.SIGQUIT if args.now else signal.SIGTERM)
+    while runtime.running_pid(directory) == pid:
+        time.sleep(0.05)
+    return 0
+
+
+def show_status(args: argparse.Namespace) -> int:
+    import json
+
+    runtime, directory, _ = _running(args)
+    print(json.dumps(runtime.read_status(directory), indent=2))
     return 0
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 NO_ROUTE = "-"
@@ -79,3 +79,23 @@ class GatewayMetrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)
         return generate_latest(registry)
+
+
+class SupervisorMetrics:
+    """What only the supervisor knows: workers alive, restarts, reloads, the config generation."""
+
+    def __init__(self) -> None:
+        registry = CollectorRegistry()
+        self.workers = Gauge("plugway_workers_alive", "Workers ready to serve.", registry=registry,
+                             multiprocess_mode="livemax")
+        self.restarts = Counter("plugway_worker_restarts_total", "Workers replaced, by reason.", ["reason"],
+                                registry=registry)
+        self.reloads = Counter("plugway_reloads_total", "Configuration reloads, by result.", ["result"],
+                               registry=registry)
+        self.generation = Gauge("plugway_config_generation", "Generation of the configuration being served.",
+                                registry=registry, multiprocess_mode="livemax")
+
+    def worker_dead(self, pid: int) -> None:
+        directory = multiprocess_dir()
+        if directory is not None:
+            mark_process_dead(pid, directory)

@@ -17,18 +17,25 @@ connections and wait for in-flight requests until ``graceful_timeout``.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import importlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from .accesslog import AccessLog
 from .admin import start_admin
 from .config.model import GatewaySettings
+from .config.schema import ConfigErrors
 from .context import RequestContext
 from .errors import GatewayError
 from .forwarding import FORWARDING, TrustedProxies
+from .heartbeat import EXIT_BOOT_FAILED, WorkerChannel
+from .logs import setup_logging
 from .metrics import NO_ROUTE, GatewayMetrics
 from .plugins import PluginSet, load_plugins
 from .routing import Router, compile_route
@@ -37,6 +44,7 @@ from .upstream import Upstream
 from .upstream.resolver import Resolver
 
 log = logging.getLogger("plugway.worker")
+PR_SET_PDEATHSIG = 1
 DRAIN_IDLE_SECONDS = 1.0
 ACCEPT_SETTLE_SECONDS = 0.05
 
@@ -49,7 +57,8 @@ class Gateway:
         self.plugins = plugins
         self.loop = loop
         self.metrics = GatewayMetrics()
-        self.access_log = AccessLog(loop) if settings.log.access else None
+        self.access_log = AccessLog(loop, settings.log.access_path) if settings.log.access else None
+        self.status_file: Path | None = None
         server = settings.server
         self.trusted_proxies = TrustedProxies(server.trusted_proxies)
         self.request_id_header_name = server.request_id_header
@@ -69,6 +78,10 @@ class Gateway:
         self.draining = False
         self.ready = False
         self._tasks: set[asyncio.Task] = set()
+
+    def reopen_logs(self) -> None:
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     def upstream(self, name: str) -> Upstream:
         try:
@@ -128,6 +141,9 @@ class Worker:
         plugins: PluginSet | None = None,
         on_ready: Callable[[Gateway], None] | None = None,
         handle_signals: bool = True,
+        channel: WorkerChannel | None = None,
+        request_limit: int = 0,
+        status_file: Path | None = None,
     ) -> None:
         self.settings = settings
         self.listeners = listeners
@@ -135,6 +151,9 @@ class Worker:
         self._plugins = plugins
         self._on_ready = on_ready
         self._handle_signals = handle_signals
+        self._channel = channel
+        self._request_limit = request_limit
+        self._status_file = status_file
         self._stop: asyncio.Event | None = None
         self._immediate = False
         self.gateway: Gateway | None = None
@@ -148,21 +167,50 @@ class Worker:
         self._stop = asyncio.Event()
         plugins = self._plugins or load_plugins(self.settings)
         gateway = self.gateway = Gateway(self.settings, plugins, loop)
+        gateway.status_file = self._status_file
         await gateway.start_plugins()
         servers = [await self._listen(gateway, sock, scheme) for sock, scheme in self.listeners]
         admin = await start_admin(gateway, self.admin_socket) if self.admin_socket is not None else None
         if self._handle_signals:
             for signum, immediate in ((signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGQUIT, True)):
                 loop.add_signal_handler(signum, self.stop, immediate)
+            loop.add_signal_handler(signal.SIGUSR1, gateway.reopen_logs)
         gateway.ready = True
         if self._on_ready is not None:
             self._on_ready(gateway)
+        if self._channel is not None:
+            self._channel.send("ready")
+            gateway.spawn(self._heartbeat(gateway))
         await self._stop.wait()
         await self._drain(gateway, servers)
         if admin is not None:
             await admin.cleanup()
         await gateway.stop_plugins()
         gateway.close()
+
+    async def _heartbeat(self, gateway: Gateway) -> None:
+        """Tell the supervisor this event loop is alive; ask to be recycled past the limits."""
+        server = gateway.settings.server
+        interval = min(1.0, server.worker_timeout / 4)
+        parent = os.getppid()
+        recycling = False
+        while True:
+            await asyncio.sleep(interval)
+            if os.getppid() != parent:
+                log.error("the supervisor is gone: stopping")
+                self.stop()
+                return
+            gateway.metrics.in_flight.set(gateway.in_flight)
+            rss = _rss_bytes()
+            self._channel.send("beat", requests=gateway.requests_served, rss=rss)
+            if recycling or gateway.draining:
+                continue
+            if self._request_limit and gateway.requests_served >= self._request_limit:
+                recycling = True
+                self._channel.send("recycle", reason="max_requests")
+            elif server.max_memory and rss > server.max_memory:
+                recycling = True
+                self._channel.send("recycle", reason="max_memory")
 
     def stop(self, immediate: bool = False) -> None:
         self._immediate = self._immediate or immediate
@@ -201,8 +249,59 @@ class Worker:
                 await asyncio.sleep(0.05)
         for _, handler in servers:
             handler.pre_shutdown()
-        remaining = 0.0 if self._immediate else max(deadline - loop.time(), 0.0)
+        # aiohttp reads a timeout of 0 as "no timeout": cut immediately with a tiny positive one.
+        remaining = 0.001 if self._immediate else max(deadline - loop.time(), 0.001)
         await asyncio.gather(*(handler.shutdown(remaining) for _, handler in servers))
+
+
+def run_worker_process(
+    settings: GatewaySettings,
+    listeners: list[tuple[socket.socket, str]],
+    admin_socket: socket.socket | None,
+    channel_fd: int,
+    request_limit: int,
+    status_file: Path,
+) -> int:
+    """The body of a forked worker process; returns its exit status."""
+    _die_with_parent()
+    setup_logging(settings.log.level)
+    channel = WorkerChannel(channel_fd)
+    importlib.invalidate_caches()  # see plugins upgraded since the supervisor started
+    try:
+        plugins = load_plugins(settings)
+    except ConfigErrors as exc:
+        channel.send("failed", message="; ".join(str(error) for error in exc.errors))
+        return EXIT_BOOT_FAILED
+    worker = Worker(
+        settings, listeners, admin_socket, plugins=plugins, channel=channel, request_limit=request_limit,
+        status_file=status_file,
+    )
+    try:
+        worker.run()
+    except Exception as exc:
+        log.exception("worker failed")
+        if worker.gateway is None or not worker.gateway.ready:
+            channel.send("failed", message=f"{type(exc).__name__}: {exc}")
+            return EXIT_BOOT_FAILED
+        return 1
+    return 0
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to send SIGTERM if the supervisor dies, so no orphan keeps the port."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _stop_reading(loop: asyncio.AbstractEventLoop, sock: Any) -> None:

@@ -46,9 +46,11 @@ async def async_wait_until(condition: Callable[[], bool], timeout: float = 15.0)
         await asyncio.sleep(0.01)
 
 
-def route_config(upstream_url: str, *, route: str = "", upstream: str = "", extra: str = "") -> str:
-    """A one-upstream, one-route configuration; ``route``/``upstream`` add keys to those tables."""
+def route_config(upstream_url: str, *, route: str = "", upstream: str = "", extra: str = "", server: str = "") -> str:
+    """A one-upstream, one-route configuration; ``server``/``route``/``upstream`` add keys to those tables."""
     return textwrap.dedent(f"""
+        [server]
+        {textwrap.dedent(server).strip()}
         [log]
         access = false
         [[upstreams]]
@@ -179,11 +181,11 @@ class GatewayProcess:
     def __init__(self, tmp_path: Path, config_text: str, *, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.admin_port = free_port()
+        self.runtime_dir = tmp_path / "run"
         self.config_path = tmp_path / "plugway.toml"
         self.stdout_path = tmp_path / "stdout.log"
         self.stderr_path = tmp_path / "stderr.log"
-        text = config_text.replace("{port}", str(self.port)).replace("{admin_port}", str(self.admin_port))
-        self.config_path.write_text(text)
+        self.write_config(config_text)
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen | None = None
 
@@ -191,19 +193,62 @@ class GatewayProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def write_config(self, config_text: str) -> None:
+        """Write the configuration with this process's ports and runtime directory filled in."""
+        import tomllib
+
+        import tomli_w
+
+        table = tomllib.loads(config_text)
+        server = table.setdefault("server", {})
+        server.setdefault("listen", [f"127.0.0.1:{self.port}"])
+        server["runtime_dir"] = str(self.runtime_dir)
+        table.setdefault("admin", {}).setdefault("listen", f"127.0.0.1:{self.admin_port}")
+        self.config_path.write_text(tomli_w.dumps(table))
+
+    def status(self) -> dict:
+        import json
+        try:
+            return json.loads((self.runtime_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def ready_workers(self) -> list[dict]:
+        return [w for w in self.status().get("workers", []) if w["state"] == "ready"]
+
+    def wait_for_workers(self, count: int, generation: int | None = None, timeout: float = 30) -> list[dict]:
+        def settled():
+            workers = self.ready_workers()
+            status = self.status()
+            return (len(workers) == count and len(status.get("workers", [])) == count
+                    and (generation is None or all(w["generation"] == generation for w in workers)))
+        wait_until(settled, timeout=timeout)
+        return self.ready_workers()
+
+    def logged(self, text: str) -> bool:
+        """Whether the gateway's own (JSON) log has a message containing ``text``."""
+        import json
+        for line in self.stderr_path.read_text().splitlines():
+            try:
+                if text in json.loads(line).get("message", ""):
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PLUGWAY, *args, "-c", str(self.config_path)], capture_output=True, text=True,
+                              timeout=120, env=self.env)
+
     def start(self, *args: str) -> GatewayProcess:
         self.process = subprocess.Popen(
             [PLUGWAY, *args, "-c", str(self.config_path)] if args else [PLUGWAY, "run", "-c", str(self.config_path)],
             stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"), env=self.env,
         )
-        wait_until(lambda: self._accepting() or self.process.poll() is not None, timeout=30)
+        wait_until(lambda: self.status().get("ready") or self.process.poll() is not None, timeout=30)
         if self.process.poll() is not None:
             raise AssertionError(f"plugway exited early: {self.stderr_path.read_text()}")
         return self
-
-    def _accepting(self) -> bool:
-        with socket.socket() as sock:
-            return sock.connect_ex(("127.0.0.1", self.port)) == 0
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)

@@ -69,9 +69,8 @@ async def start_streaming_upstream():
 async def test_one_gib_each_way_streams_with_flat_gateway_memory(gateway_process):
     upstream = await start_streaming_upstream()
     port = upstream.sockets[0].getsockname()[1]
-    gateway = gateway_process(route_config(f"http://127.0.0.1:{port}").replace(
-        "[log]", '[server]\nlisten = ["127.0.0.1:{port}"]\nclient_max_body = "2GiB"\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n[log]'))
-    pid = gateway.process.pid
+    gateway = gateway_process(route_config(f"http://127.0.0.1:{port}", server='workers = 1\nclient_max_body = "2GiB"'))
+    pid = gateway.ready_workers()[0]["pid"]
 
     with PeakRss(pid) as upload:
         reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
@@ -112,9 +111,7 @@ async def test_sigterm_lets_an_in_flight_request_finish(gateway_process, aiohttp
         return web.Response(text="finished")
 
     upstream = await aiohttp_raw_server(slow)
-    config = route_config(str(upstream.make_url("")).rstrip("/")).replace(
-        "[log]", '[server]\nlisten = ["127.0.0.1:{port}"]\n[admin]\nlisten = "127.0.0.1:{admin_port}"\n[log]')
-    gateway = gateway_process(config)
+    gateway = gateway_process(route_config(str(upstream.make_url("")).rstrip("/"), server="workers = 1"))
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     writer.write(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()

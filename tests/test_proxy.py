@@ -142,7 +142,7 @@ async def test_forwarding_headers_from_an_untrusted_peer_are_replaced(plugway_ga
 
 async def test_forwarding_headers_from_a_trusted_proxy_are_kept_and_extended(plugway_gateway, raw_upstream):
     upstream = await raw_upstream(lambda request: http_response())
-    config = route_config(upstream.url).replace("[log]", '[server]\ntrusted_proxies = ["127.0.0.0/8"]\n[log]')
+    config = route_config(upstream.url, server='trusted_proxies = ["127.0.0.0/8"]')
     gateway = await plugway_gateway(config)
     answer = await raw_exchange(gateway.port, (
         b"GET /api/x HTTP/1.1\r\nHost: api.example.com\r\nConnection: close\r\nX-Forwarded-For: 203.0.113.9, 127.0.0.5\r\n"
@@ -331,7 +331,7 @@ async def test_gateway_errors_are_json_with_the_right_status(plugway_gateway, ai
 
 async def test_bodies_over_the_limit_get_413(plugway_gateway, raw_upstream):
     upstream = await raw_upstream(lambda request: http_response())
-    gateway = await plugway_gateway(route_config(upstream.url).replace("[log]", '[server]\nclient_max_body = "1KiB"\n[log]'))
+    gateway = await plugway_gateway(route_config(upstream.url, server='client_max_body = "1KiB"'))
     answer = await raw_exchange(gateway.port, b"POST /api/x HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000)
     assert answer.startswith(b"HTTP/1.1 413") and b'"code":"body_too_large"' in answer
     chunk = b"400\r\n" + b"y" * 1024 + b"\r\n"

@@ -148,6 +148,18 @@ class ServerSettings:
     graceful_timeout: Duration = setting(
         Duration("30s"), doc="On stop or reload, in-flight requests get this long to finish.",
     )
+    ready_timeout: Duration = setting(
+        Duration("30s"), doc="A new worker must report ready within this, or it is killed (and a reload fails).",
+    )
+    worker_timeout: Duration = setting(
+        Duration("30s"), doc="A worker whose event loop sends no heartbeat for this long is killed and replaced.",
+    )
+    max_requests: int = setting(0, doc="Recycle a worker after this many requests (0: never), through a drain.")
+    max_requests_jitter: int = setting(0, doc="Add up to this many requests at random to max_requests, per worker.")
+    max_memory: Size = setting(Size(0), doc="Recycle a worker whose resident memory exceeds this (0: never).")
+    runtime_dir: str | None = setting(
+        None, doc="Pid file, status and metrics files; default /run/plugway as root, else $XDG_RUNTIME_DIR/plugway.",
+    )
     max_request_line: Size = setting(Size(8190), doc="Longest request line (414 beyond it).")
     max_header_size: Size = setting(Size(8190), doc="Longest single header line (431 beyond it).")
     max_headers: int = setting(128, doc="Most header lines in one request (431 beyond it).")
@@ -157,19 +169,35 @@ class ServerSettings:
             yield "listen", "needs at least one address"
         if self.max_headers < 1:
             yield "max_headers", "must be at least 1"
+        if self.max_requests < 0 or self.max_requests_jitter < 0:
+            yield "max_requests", "must not be negative"
+        if self.ready_timeout <= 0 or self.worker_timeout <= 0:
+            yield "worker_timeout", "timeouts must be longer than zero"
 
 
 @dataclass(frozen=True)
 class AdminSettings:
     listen: str | None = setting(
-        "127.0.0.1:9901", doc="Admin listener for /health, /ready and /metrics; remove to disable.",
+        "127.0.0.1:9901", doc="Admin listener (/health, /ready, /metrics, /status, /reload).",
         parse=_check_address,
     )
+    token_env: str | None = setting(
+        None, doc="Environment variable holding the bearer token for /status and /reload (required off loopback).",
+    )
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if self.listen is None:
+            return
+        host, _ = parse_address(self.listen)
+        loopback = host in ("localhost", "::1") or host.startswith("127.")
+        if not loopback and self.token_env is None:
+            yield "token_env", f"is required when the admin API listens on a non-loopback address ({self.listen})"
 
 
 @dataclass(frozen=True)
 class LogSettings:
-    access: bool = setting(True, doc="Write one JSON line per request to stdout.")
+    access: bool = setting(True, doc="Write one JSON line per request.")
+    access_path: str | None = setting(None, doc="File for the access log instead of stdout; reopened on USR1.")
     level: Literal["debug", "info", "warning", "error"] = setting("info", doc="Level of the gateway's own log.")
 
 
