@@ -141,8 +141,15 @@ def run(args: argparse.Namespace) -> int:
     from . import runtime
     from .logs import setup_logging
 
+    from .server import ParserUnavailable, require_c_parser
+
     settings = config.load(args.config)
     setup_logging(settings.log.level)
+    try:
+        require_c_parser()
+    except ParserUnavailable as exc:
+        print(f"plugway: {exc}", file=sys.stderr)
+        return 1
     directory = runtime.runtime_dir(settings)
     try:
         runtime.claim(directory)

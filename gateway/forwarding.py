@@ -88,8 +88,13 @@ def header_values(raw: RawHeaders, lower_name: bytes) -> str | None:
     return b", ".join(values).decode("latin-1")
 
 
-def strip_request_headers(raw: RawHeaders, drop: frozenset[bytes]) -> RawHeaders:
-    """The client's headers minus hop-by-hop, re-framed and ``drop`` ones (lower-case names)."""
+def strip_request_headers(raw: RawHeaders, drop: frozenset[bytes], *, keep_underscored: bool = False) -> RawHeaders:
+    """The client's headers minus hop-by-hop, re-framed and ``drop`` ones (lower-case names).
+
+    A name with an underscore is dropped too, unless ``keep_underscored``; even
+    then it is dropped when it spells a ``drop`` name with ``_`` for ``-``
+    (``X_Consumer_ID``), because some frameworks read both spellings alike.
+    """
     removed = HOP_BY_HOP | _REFRAMED | drop
     named: set[bytes] = set()
     kept = []
@@ -98,6 +103,8 @@ def strip_request_headers(raw: RawHeaders, drop: frozenset[bytes]) -> RawHeaders
         if lower in removed:
             if lower == b"connection":
                 named.update(connection_tokens(value))
+            continue
+        if b"_" in lower and (not keep_underscored or lower.replace(b"_", b"-") in drop):
             continue
         kept.append((name, value))
     if named - CONNECTION_OPTIONS:

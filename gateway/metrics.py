@@ -49,6 +49,10 @@ class GatewayMetrics:
             "plugway_upstream_errors_total", "Failed attempts to get a response from an upstream, by reason.",
             ["upstream", "code"], registry=registry,
         )
+        self.connections_refused = Counter(
+            "plugway_connections_refused_total", "Client connections turned away before a request, by reason.",
+            ["reason"], registry=registry,
+        )
         self._children: dict[tuple, object] = {}
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:

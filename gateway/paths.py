@@ -25,16 +25,21 @@ from urllib.parse import unquote
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
 _SLOW_PATH = re.compile(r"[%\\;#]|//|/\.|[^\x21-\x7e]")
-_DOUBLE_ENCODED = ("2e", "2f", "5c")
+_DOUBLE_ENCODED = re.compile(r"%25(2e|2f|5c)", re.IGNORECASE)
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class BadPath(ValueError):
-    """The request path is ambiguous or hostile; ``reason`` says which rule it broke."""
+    """The request path is ambiguous or hostile; ``reason`` says which rule it broke.
 
-    def __init__(self, reason: str) -> None:
+    ``route_may_allow`` is true for the refusals a route can opt out of (an
+    encoded slash or backslash, a ';' parameter).
+    """
+
+    def __init__(self, reason: str, route_may_allow: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.route_may_allow = route_may_allow
 
 
 def canonical_path(path: str, *, keep_encoded_slash: bool = False, allow_semicolon: bool = False) -> str:
@@ -68,7 +73,7 @@ def canonical_path(path: str, *, keep_encoded_slash: bool = False, allow_semicol
 
 def _canonical_segment(raw: str, keep_encoded_slash: bool, allow_semicolon: bool) -> str:
     if ";" in raw and not allow_semicolon:
-        raise BadPath("the path has a ';' parameter")
+        raise BadPath("the path has a ';' parameter", route_may_allow=True)
     if "%" not in raw:
         return raw
     out: list[str] = []
@@ -88,9 +93,7 @@ def _canonical_segment(raw: str, keep_encoded_slash: bool, allow_semicolon: bool
         if byte < 0x20 or byte == 0x7F:
             raise BadPath("the path has an encoded control character")
         if byte in (0x2F, 0x5C) and not keep_encoded_slash:
-            raise BadPath("the path has an encoded slash or backslash")
-        if byte == 0x25 and raw[index + 3:index + 5].lower() in _DOUBLE_ENCODED:
-            raise BadPath("the path has a double-encoded dot, slash or backslash")
+            raise BadPath("the path has an encoded slash or backslash", route_may_allow=True)
         out.append(chr(byte) if byte in _UNRESERVED else raw[index:index + 3])
         decoded.append(byte)
         index += 3
@@ -98,7 +101,11 @@ def _canonical_segment(raw: str, keep_encoded_slash: bool, allow_semicolon: bool
         decoded.decode("utf-8")
     except UnicodeDecodeError:
         raise BadPath("the path is not valid UTF-8 once decoded") from None
-    return "".join(out)
+    segment = "".join(out)
+    # Checked on the result, so that "%25%32e" (which becomes "%252e") is caught too (found by scripts/fuzz).
+    if "%25" in segment and _DOUBLE_ENCODED.search(segment):
+        raise BadPath("the path has a double-encoded dot, slash or backslash")
+    return segment
 
 
 def decode_segment(segment: str) -> str:

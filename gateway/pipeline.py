@@ -57,7 +57,9 @@ async def after_response(ctx: RequestContext) -> None:
 def outgoing_request(ctx: RequestContext) -> OutgoingRequest:
     gateway = ctx.gateway
     raw = ctx.request.raw_headers
-    headers = strip_request_headers(raw, gateway.dropped_request_headers)
+    headers = strip_request_headers(
+        raw, gateway.dropped_request_headers, keep_underscored=gateway.settings.server.underscores_in_headers,
+    )
     headers += forwarding_headers(
         raw, trusted=ctx.peer_trusted, peer=ctx.peer_ip, scheme=ctx.scheme, host=ctx.request.headers.get("Host"),
     )

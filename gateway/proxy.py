@@ -12,10 +12,11 @@ control and are counted against ``client_max_body`` as they arrive.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from .errors import BodyTooLarge, GatewayError
+from .errors import BodyTooLarge, GatewayError, RequestTimeout
 from .messages import OutgoingRequest, UpstreamResponse
 from .upstream.connection import PrematureClose
 
@@ -41,7 +42,7 @@ async def send(ctx: RequestContext, outgoing: OutgoingRequest, upstream: Upstrea
         if length is not None and length > limit:
             raise BodyTooLarge()
         if length is not None and length <= BUFFER_BODY_UP_TO:
-            body = await request.content.readexactly(length) if length else b""
+            body = await _read_small_body(ctx, length)
     if body is not None:
         ctx.bytes_in = len(body)
     target = upstream.choose(ctx)
@@ -113,15 +114,34 @@ def _request_head(ctx: RequestContext, outgoing: OutgoingRequest, target: Target
     ))
 
 
+async def _next_chunk(ctx: RequestContext) -> bytes:
+    """The next part of the client's body (b"" at its end); 408 if it stops arriving."""
+    try:
+        async with asyncio.timeout(ctx.gateway.settings.server.client_body_timeout):
+            return await ctx.request.content.readany()
+    except TimeoutError:
+        raise RequestTimeout() from None
+
+
+async def _read_small_body(ctx: RequestContext, length: int) -> bytes:
+    chunks, received = [], 0
+    while received < length:
+        chunk = await _next_chunk(ctx)
+        if not chunk:
+            raise asyncio.IncompleteReadError(b"".join(chunks), length)
+        chunks.append(chunk)
+        received += len(chunk)
+    return b"".join(chunks)
+
+
 async def _stream_body(
     ctx: RequestContext, connection: UpstreamConnection, head: bytes, limit: int, write_timeout: float,
 ) -> None:
     chunked = ctx.request.content_length is None
-    content = ctx.request.content
     pending = head
     total = 0
     while True:
-        chunk = await content.readany()
+        chunk = await _next_chunk(ctx)
         if not chunk:
             break
         total += len(chunk)

@@ -112,6 +112,7 @@ class Router:
 
     def __init__(self, routes: list[Route]) -> None:
         self.routes = sorted(routes, key=lambda route: route.specificity, reverse=True)
+        self.lenient = any(r.settings.keep_encoded_slashes or r.settings.allow_semicolons for r in routes)
 
     def match(self, host: str, path: str, method: str) -> tuple[Route, dict[str, str]]:
         allowed: set[str] = set()

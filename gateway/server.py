@@ -20,17 +20,19 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web_protocol, web_server
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
+from aiohttp.web_protocol import RequestPayloadError
 
 from . import pipeline, proxy
 from .context import RequestContext
 from .errors import (
-    BadRequest, BadRequestPath, ClientClosedRequest, GatewayError, HeadersTooLarge, UriTooLong,
+    BadRequest, BadRequestPath, ClientClosedRequest, GatewayError, HeadersTooLarge, RequestTimeout, UriTooLong,
 )
 from .forwarding import request_id
 from .headers import HeaderInjection
 from .messages import Response, UpstreamResponse
 from .paths import BadPath, canonical_path
+from .requesthead import BadFraming, VersionNotSupported, check_head
 from .routing import request_host
 
 if TYPE_CHECKING:
@@ -41,7 +43,32 @@ if TYPE_CHECKING:
 log = logging.getLogger("plugway.server")
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 _NO_BODY_STATUSES = frozenset((204, 304))
+_NO_BODY_METHODS = frozenset(("GET", "HEAD", "OPTIONS", "DELETE"))
 _FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding"))
+
+
+def _status_line(status: int, reason: bytes) -> bytes:
+    return b"HTTP/1.1 %d %b\r\n" % (status, reason or _REASONS.get(status, b"Unknown"))
+
+
+class ParserUnavailable(RuntimeError):
+    pass
+
+
+def require_c_parser() -> None:
+    """Refuse to serve with aiohttp's pure-Python parser: it hangs on some inputs (a 2^64 chunk
+    size, a bare-LF trailer) and accepts others the C parser refuses (lowercase methods)."""
+    from aiohttp import http_parser
+
+    try:
+        from aiohttp._http_parser import HttpRequestParser as CParser
+    except ImportError:
+        CParser = None
+    if CParser is None or http_parser.HttpRequestParser is not CParser:
+        raise ParserUnavailable(
+            "aiohttp's C HTTP parser is not in use (AIOHTTP_NO_EXTENSIONS is set, or the aiohttp wheel has no "
+            "compiled extensions for this platform); Plugway refuses to serve with the pure-Python parser"
+        )
 
 
 class _Sent:
@@ -63,7 +90,61 @@ _KEEP_ALIVE, _CLOSE = _Sent(True), _Sent(False)
 
 
 class _ConnectionHandler(web_protocol.RequestHandler):
-    """aiohttp's connection protocol, with parser errors answered by the gateway."""
+    """aiohttp's connection protocol, plus what a gateway needs at the connection level.
+
+    - Parser refusals are answered in the gateway's JSON error format.
+    - The whole request head must arrive within ``client_header_timeout``
+      from its first byte (from the connection for the first request), or
+      the client gets 408 and the connection closes: dripping a header every
+      few seconds does not extend it.
+    - Beyond ``max_connections`` per worker, or ``max_connections_per_ip``
+      from one peer, a new connection gets 503 and is closed at once.
+    """
+
+    __slots__ = ("gateway", "peer_ip", "requests_served", "_head_timer", "_counted")
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        manager = self._manager
+        self.gateway = manager.gateway
+        self.requests_served = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self.peer_ip = _peer_ip(self.peername)
+        refusal = self.gateway.admit_connection(self.peer_ip)
+        self._counted = refusal is None
+        if refusal is not None:
+            transport.write(refusal)
+            transport.close()
+            return
+        self._start_head_timer()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+        if getattr(self, "_counted", False):
+            self._counted = False
+            self.gateway.connection_closed(self.peer_ip)
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and not self._request_in_progress and not self._messages:
+            self._start_head_timer()
+        super().data_received(data)
+        if self._messages and self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _start_head_timer(self) -> None:
+        timeout = self.gateway.settings.server.client_header_timeout
+        self._head_timer = self._loop.call_later(timeout, self._head_timed_out)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._request_in_progress or self._messages or self.transport is None:
+            return  # a request is under way after all; its body has its own timeout
+        self.gateway.refused(self.peer_ip, "header_timeout")
+        self.transport.write(_close_with(HeaderTimeout()))
+        self.force_close()
 
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None,
@@ -71,9 +152,33 @@ class _ConnectionHandler(web_protocol.RequestHandler):
         error = _parser_error(exc) if status == 400 else GatewayError()
         if status != 400:
             log.error("aiohttp failed to handle a request", exc_info=exc)
-        else:
-            log.info("refused a malformed request", extra={"reason": str(message or exc)})
         return _ErrorResponse(error, self._manager.gateway if self._manager else None)
+
+
+class HeaderTimeout(RequestTimeout):
+    code, message = "header_timeout", "the request head did not arrive in time"
+
+
+def _close_with(error: GatewayError) -> bytes:
+    """A complete error response for a connection that has no request (or no complete one)."""
+    body = error.body("-")
+    return _status_line(error.status, b"") + (
+        b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+    ) + body
+
+
+class TooManyConnections(GatewayError):
+    status, code, message, close = 503, "too_many_connections", "too many connections; try again later", True
+
+
+CONNECTION_REFUSED = _close_with(TooManyConnections())
+
+
+def _peer_ip(peername: Any) -> str:
+    address = peername[0] if isinstance(peername, tuple) else "unix"
+    if address.startswith("::ffff:") and "." in address:
+        address = address[7:]
+    return address
 
 
 class _ErrorResponse:
@@ -105,6 +210,8 @@ def _parser_error(exc: BaseException | None) -> GatewayError:
         return UriTooLong() if isinstance(exc.args[0], bytearray) else HeadersTooLarge()
     if isinstance(exc, BadHttpMessage) and "too many headers" in str(exc).lower():
         return HeadersTooLarge()
+    if isinstance(exc, BadStatusLine) and "invalid http version" in str(exc).lower():
+        return VersionNotSupported()
     return BadRequest()
 
 
@@ -124,6 +231,7 @@ class ListenerServer(web_server.Server):
         started = time.monotonic()
         ctx = RequestContext(request, gateway, started)
         ctx.scheme = self.scheme
+        request.protocol.requests_served += 1
         gateway.in_flight += 1
         response: Response | UpstreamResponse | None = None
         keep_alive = False
@@ -134,6 +242,8 @@ class ListenerServer(web_server.Server):
             keep_alive = await _write(ctx, response)
         except GatewayError as error:
             keep_alive = await _write_error(ctx, error)
+        except RequestPayloadError:
+            keep_alive = await _write_error(ctx, BadFraming("the request body is malformed"))
         except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError) as exc:
             ctx.status, ctx.error = 499, ClientClosedRequest()
             if isinstance(exc, asyncio.CancelledError):
@@ -147,6 +257,8 @@ class ListenerServer(web_server.Server):
             if isinstance(response, UpstreamResponse):
                 proxy.finish(ctx, response)
             gateway.request_finished(ctx, time.monotonic() - started)
+        if isinstance(ctx.error, RequestTimeout):
+            request.protocol.force_close()  # the body stopped coming: nothing to linger for
         if ctx.route is not None and ctx.route.chain.after_response:
             await pipeline.after_response(ctx)
         return _KEEP_ALIVE if keep_alive else _CLOSE
@@ -154,11 +266,7 @@ class ListenerServer(web_server.Server):
 
 def _identify(ctx: RequestContext, gateway: Gateway) -> None:
     """Peer, client address and request id: first, so that every log line has them."""
-    peer = ctx.request.protocol.peername
-    address = peer[0] if isinstance(peer, tuple) else "unix"
-    if address.startswith("::ffff:") and "." in address:
-        address = address[7:]
-    ctx.peer_ip = address
+    address = ctx.peer_ip = ctx.request.protocol.peer_ip
     trusted = gateway.trusted_proxies.trusts(address) if gateway.trusted_proxies.networks else False
     ctx.peer_trusted = trusted
     headers = ctx.request.headers
@@ -167,25 +275,46 @@ def _identify(ctx: RequestContext, gateway: Gateway) -> None:
 
 
 def _admit(ctx: RequestContext, gateway: Gateway) -> None:
-    """Canonical path and route, or the error that refuses the request."""
-    path, _, ctx.query = ctx.request.raw_path.partition("?")
+    """A well-formed head, the canonical path and the route, or the error that refuses the request."""
+    request = ctx.request
+    host_header = request.headers.get("Host")
+    target = check_head(gateway.head_rules, ctx.method, request.version, request.raw_headers, request.raw_path,
+                        host_header)
+    path, _, ctx.query = target.partition("?")
+    ctx.host = request_host(host_header)
     try:
         ctx.path = canonical_path(path)
-    except BadPath as exc:
-        raise BadRequestPath(exc.reason) from None
-    ctx.host = request_host(ctx.request.headers.get("Host"))
-    ctx.route, ctx.path_params = gateway.router.match(ctx.host, ctx.path, ctx.method)
+        ctx.route, ctx.path_params = gateway.router.match(ctx.host, ctx.path, ctx.method)
+    except BadPath as refusal:
+        _admit_lenient(ctx, gateway, path, refusal)
+    route = ctx.route.settings
+    if request.body_exists and ctx.method in _NO_BODY_METHODS and ctx.method not in route.allow_body_on:
+        raise BadFraming(f"a {ctx.method} request must not have a body on this route")
 
 
-def _status_line(status: int, reason: bytes) -> bytes:
-    return b"HTTP/1.1 %d %b\r\n" % (status, reason or _REASONS.get(status, b"Unknown"))
+def _admit_lenient(ctx: RequestContext, gateway: Gateway, path: str, refusal: BadPath) -> None:
+    """Routes may accept encoded slashes or ';' parameters: only those routes may serve such paths."""
+    if not refusal.route_may_allow or not gateway.router.lenient:
+        raise BadRequestPath(refusal.reason) from None
+    try:
+        ctx.path = canonical_path(path, keep_encoded_slash=True, allow_semicolon=True)
+        ctx.route, ctx.path_params = gateway.router.match(ctx.host, ctx.path, ctx.method)
+    except (BadPath, GatewayError):
+        raise BadRequestPath(refusal.reason) from None
+    route = ctx.route.settings
+    lower = path.lower()
+    if ("%2f" in lower or "%5c" in lower) and not route.keep_encoded_slashes or ";" in path and not route.allow_semicolons:
+        raise BadRequestPath(refusal.reason)
 
 
 async def _write(ctx: RequestContext, response: Response | UpstreamResponse) -> bool:
     """Write ``response`` to the client; return whether the connection stays open."""
     request = ctx.request
     gateway = ctx.gateway
-    keep_alive = request.keep_alive and not gateway.draining and not (ctx.error is not None and ctx.error.close)
+    keep_alive = (
+        request.keep_alive and not gateway.draining and not (ctx.error is not None and ctx.error.close)
+        and request.protocol.requests_served < gateway.settings.server.max_requests_per_connection
+    )
     status = response.status
     ctx.status = status
     block = response.header_block

@@ -38,8 +38,9 @@ from .heartbeat import EXIT_BOOT_FAILED, WorkerChannel
 from .logs import setup_logging
 from .metrics import NO_ROUTE, GatewayMetrics
 from .plugins import PluginSet, load_plugins
+from .requesthead import HeadRules
 from .routing import Router, compile_route
-from .server import ListenerServer
+from .server import CONNECTION_REFUSED, ListenerServer, require_c_parser
 from .upstream import Upstream
 from .upstream.resolver import Resolver
 
@@ -63,7 +64,12 @@ class Gateway:
         self.trusted_proxies = TrustedProxies(server.trusted_proxies)
         self.request_id_header_name = server.request_id_header
         self.request_id_header = server.request_id_header.encode()
-        self.dropped_request_headers = FORWARDING | {self.request_id_header.lower()}
+        self.dropped_request_headers = FORWARDING | {self.request_id_header.lower()} | {
+            name.lower().encode() for name in server.identity_headers
+        }
+        self.head_rules = HeadRules(frozenset(server.methods), server.max_header_total)
+        self.connections = 0
+        self.connections_by_ip: dict[str, int] = {}
         self.resolver = Resolver(loop)
         self.upstreams = {u.name: Upstream(u, loop, self.resolver) for u in settings.upstreams}
         routes = []
@@ -78,6 +84,33 @@ class Gateway:
         self.draining = False
         self.ready = False
         self._tasks: set[asyncio.Task] = set()
+
+    def admit_connection(self, peer_ip: str) -> bytes | None:
+        """Count a new client connection, or the 503 to answer it with when over a cap."""
+        server = self.settings.server
+        if self.connections >= server.max_connections:
+            self.refused(peer_ip, "max_connections")
+            return CONNECTION_REFUSED
+        per_ip = self.connections_by_ip.get(peer_ip, 0)
+        if server.max_connections_per_ip and per_ip >= server.max_connections_per_ip:
+            self.refused(peer_ip, "max_connections_per_ip")
+            return CONNECTION_REFUSED
+        self.connections += 1
+        self.connections_by_ip[peer_ip] = per_ip + 1
+        return None
+
+    def connection_closed(self, peer_ip: str) -> None:
+        self.connections -= 1
+        remaining = self.connections_by_ip[peer_ip] - 1
+        if remaining:
+            self.connections_by_ip[peer_ip] = remaining
+        else:
+            del self.connections_by_ip[peer_ip]
+
+    def refused(self, peer_ip: str, reason: str) -> None:
+        """A connection turned away before any request: counted and logged."""
+        self.metrics.connections_refused.labels(reason).inc()
+        log.info("refused a connection from %s: %s", peer_ip, reason, extra={"reason": reason})
 
     def reopen_logs(self) -> None:
         if self.access_log is not None:
@@ -163,6 +196,7 @@ class Worker:
         asyncio.run(self.serve())
 
     async def serve(self) -> None:
+        require_c_parser()
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         plugins = self._plugins or load_plugins(self.settings)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httptools
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,18 +158,35 @@ async def raw_upstream():
         await upstream.close()
 
 
+class _ResponseEnd:
+    """httptools callbacks: notes when the first complete response (after any 1xx) has arrived."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_message_complete(self) -> None:
+        if self.parser.get_status_code() >= 200:
+            self.done = True
+
+
 async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0) -> bytes:
-    """Send raw bytes to the gateway and read until it closes the connection (or goes quiet)."""
+    """Send raw bytes to the gateway; read until one whole response, the close, or silence."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(data)
     await writer.drain()
     chunks = []
+    end = _ResponseEnd()
     try:
-        while True:
+        while not end.done:
             chunk = await asyncio.wait_for(reader.read(65536), read_timeout)
             if not chunk:
                 break
             chunks.append(chunk)
+            try:
+                end.parser.feed_data(chunk)
+            except httptools.HttpParserError:
+                pass
     except (asyncio.TimeoutError, ConnectionError):
         pass
     writer.close()

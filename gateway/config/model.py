@@ -160,9 +160,33 @@ class ServerSettings:
     runtime_dir: str | None = setting(
         None, doc="Pid file, status and metrics files; default /run/plugway as root, else $XDG_RUNTIME_DIR/plugway.",
     )
+    methods: tuple[str, ...] = setting(
+        ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"),
+        doc="Methods the gateway accepts at all (405 otherwise; case-sensitive).",
+    )
     max_request_line: Size = setting(Size(8190), doc="Longest request line (414 beyond it).")
     max_header_size: Size = setting(Size(8190), doc="Longest single header line (431 beyond it).")
     max_headers: int = setting(128, doc="Most header lines in one request (431 beyond it).")
+    max_header_total: Size = setting(Size("32KiB"), doc="Largest request head in all (431 beyond it).")
+    client_header_timeout: Duration = setting(
+        Duration("10s"), doc="The whole request head must arrive within this (408 and close otherwise).",
+    )
+    client_body_timeout: Duration = setting(
+        Duration("10s"), doc="Longest gap between two parts of a request body (408 and close otherwise).",
+    )
+    max_requests_per_connection: int = setting(1000, doc="Requests served on one client connection before closing it.")
+    max_connections: int = setting(10000, doc="Client connections per worker; more are refused with 503.")
+    max_connections_per_ip: int = setting(
+        0, doc="Client connections per worker from one peer address (0: no limit); more are refused with 503.",
+    )
+    identity_headers: tuple[str, ...] = setting(
+        ("X-Consumer-ID", "X-Consumer-Username", "X-Consumer-Roles", "X-Consumer-Scopes", "X-Consumer-Groups",
+         "X-Authenticated-Userid", "X-Authenticated-Scope"),
+        doc="Headers only the gateway may set: dropped from every client request, in any case or _ spelling.",
+    )
+    underscores_in_headers: bool = setting(
+        False, doc="Forward client headers whose names contain '_' (dropped by default, as nginx does).",
+    )
 
     def validate(self) -> Iterator[tuple[str, str]]:
         if not self.listen:
@@ -173,6 +197,11 @@ class ServerSettings:
             yield "max_requests", "must not be negative"
         if self.ready_timeout <= 0 or self.worker_timeout <= 0:
             yield "worker_timeout", "timeouts must be longer than zero"
+        for method in self.methods:
+            if not method.isalpha() or not method.isupper():
+                yield "methods", f"{method!r} is not an upper-case HTTP method"
+        if self.max_connections < 1 or self.max_connections_per_ip < 0 or self.max_requests_per_connection < 1:
+            yield "max_connections", "connection limits must be positive (max_connections_per_ip: 0 for none)"
 
 
 @dataclass(frozen=True)
@@ -264,6 +293,13 @@ class RouteSettings:
     hosts: tuple[str, ...] = setting((), doc='Host names this route serves ("*.example.com" allowed). Empty: any.')
     strip_prefix: bool = setting(False, doc="Remove the matched prefix before forwarding.")
     preserve_host: bool = setting(False, doc="Forward the client's Host instead of the target's.")
+    allow_body_on: tuple[str, ...] = setting(
+        (), doc="Of GET, HEAD, OPTIONS and DELETE, the methods that may carry a body here (400 otherwise).",
+    )
+    keep_encoded_slashes: bool = setting(
+        False, doc="Accept %2F and %5C in paths, forwarded as sent and never decoded for routing (400 otherwise).",
+    )
+    allow_semicolons: bool = setting(False, doc="Accept ';' parameters in path segments (400 otherwise).")
     plugins: Mapping[str, Table] = plugin_tables(doc="Per-route plugin settings: [routes.plugins.NAME].")
 
     def validate(self) -> Iterator[tuple[str, str]]:
@@ -281,6 +317,9 @@ class RouteSettings:
         for method in self.methods:
             if not method.isalpha() or not method.isupper():
                 yield "methods", f"{method!r} is not an upper-case HTTP method"
+        for method in self.allow_body_on:
+            if method not in ("GET", "HEAD", "OPTIONS", "DELETE"):
+                yield "allow_body_on", f"{method!r}: only GET, HEAD, OPTIONS and DELETE are refused a body"
 
 
 @dataclass(frozen=True)
