@@ -36,6 +36,7 @@ class RequestContext:
       ``peer_ip``: the address of the socket peer.
     - ``request_id``: sent upstream and back to the client.
     - ``consumer``: set by an auth plugin (writable), or None.
+    - ``version``: the API version a versioning plugin chose (writable), or None.
     - ``state``: a dict for plugins to share per-request data (writable);
       key it by your plugin's name.
     - ``log``: extra fields for the access log line (writable).
@@ -43,7 +44,7 @@ class RequestContext:
 
     __slots__ = (
         "request", "gateway", "method", "host", "path", "query", "path_params", "route", "upstream", "target",
-        "client_ip", "peer_ip", "peer_trusted", "scheme", "request_id", "consumer", "state", "log", "started",
+        "client_ip", "peer_ip", "peer_trusted", "scheme", "request_id", "consumer", "version", "state", "log", "started",
         "status", "bytes_in", "bytes_out", "upstream_seconds", "error",
     )
 
@@ -65,6 +66,7 @@ class RequestContext:
         self.scheme = "http"
         self.request_id = ""
         self.consumer: Consumer | None = None
+        self.version: str | None = None
         self.state: dict[str, Any] = {}
         self.log: dict[str, Any] = {}
         self.status = 0

@@ -55,6 +55,17 @@ class GatewayMetrics:
         )
         self._children: dict[tuple, object] = {}
 
+    def counter(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
+        """A counter in this gateway's registry, for plugins (create it in ``worker_started``)."""
+        return Counter(name, documentation, labels, registry=self.registry)
+
+    def histogram(self, name: str, documentation: str, labels: tuple[str, ...] = (),
+                  buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+        return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
+
+    def gauge(self, name: str, documentation: str, labels: tuple[str, ...] = (), mode: str = "livesum") -> Gauge:
+        return Gauge(name, documentation, labels, registry=self.registry, multiprocess_mode=mode)
+
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
         key = (route, method, status // 100)
         counter = self._children.get(key)

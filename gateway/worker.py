@@ -51,7 +51,15 @@ ACCEPT_SETTLE_SECONDS = 0.05
 
 
 class Gateway:
-    """The gateway as one worker runs it, for one configuration."""
+    """The gateway as one worker runs it, for one configuration.
+
+    What plugins use (``ctx.gateway`` in request hooks, the argument of
+    ``worker_started``): ``settings``, ``loop``, ``metrics`` (create your
+    metrics with ``metrics.counter/histogram/gauge`` so that they are exported
+    in every mode), ``state`` (a dict for per-worker plugin state, keyed by
+    plugin name; module globals would be shared by gateways in one test
+    process), ``spawn`` (background tasks), ``upstream(name)``.
+    """
 
     def __init__(self, settings: GatewaySettings, plugins: PluginSet, loop: asyncio.AbstractEventLoop) -> None:
         self.settings = settings
@@ -83,6 +91,7 @@ class Gateway:
         self.requests_served = 0
         self.draining = False
         self.ready = False
+        self.state: dict[str, Any] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def admit_connection(self, peer_ip: str) -> bytes | None:
