@@ -60,6 +60,10 @@ def status_path(directory: Path) -> Path:
     return directory / "status.json"
 
 
+def store_path(directory: Path) -> Path:
+    return directory / "store.sock"
+
+
 def metrics_path(directory: Path) -> Path:
     return directory / "metrics"
 

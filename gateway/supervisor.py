@@ -48,6 +48,7 @@ SIGNALS = {
     signal.SIGTTIN: "ttin", signal.SIGTTOU: "ttou", signal.SIGUSR1: "usr1", signal.SIGCHLD: "chld",
 }
 STOP_MARGIN_SECONDS = 5.0
+STORE_START_SECONDS = 5.0
 QUIT_WAIT_SECONDS = 5.0
 
 
@@ -70,6 +71,7 @@ class Supervisor:
         self.slots: list[Slot] = []
         self.workers: dict[int, WorkerProcess] = {}
         self.admin_socket: socket.socket | None = None
+        self.store_pid: int | None = None
         self.rollout: Rollout | None = None
         self.recycle_queue: deque[int] = deque()
         self.reload_pending = False
@@ -109,6 +111,7 @@ class Supervisor:
             log.error("stopping: %s", halt.reason)
             systemd.notify("STOPPING=1", f"STATUS=failed: {halt.reason}")
             self.kill_all(signal.SIGKILL)
+            self.stop_store()
             return halt.status
         finally:
             self.close()
@@ -122,6 +125,7 @@ class Supervisor:
         signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
         if self.settings.admin.listen:
             self.admin_socket = bind_listener(self.settings.admin.listen, backlog=128, reuse_port=False)
+        self.start_store()
         for index in range(_worker_count(self.settings)):
             self.add_slot(index)
         log.info("supervisor %d started %d workers", os.getpid(), len(self.slots))
@@ -207,23 +211,69 @@ class Supervisor:
     def _become_worker(self, slot: Slot, settings: GatewaySettings, channel_fd: int) -> None:
         status = EXIT_BOOT_FAILED
         try:
-            signal.set_wakeup_fd(-1)
-            for signum in SIGNALS:
-                signal.signal(signum, signal.SIG_DFL)
-            for fd in [self._wakeup_read, self._wakeup_write] + [w.channel.fd for w in self.workers.values()]:
-                os.close(fd)
-            for other in self.slots:
-                if other is not slot:
-                    for sock in other.sockets.values():
-                        sock.close()
+            self._leave_supervisor(keep=slot)
             listeners = [(slot.sockets[address], "http") for address in settings.server.listen]
             from .worker import run_worker_process
             limit = requests_limit(settings.server.max_requests, settings.server.max_requests_jitter, random.random())
-            status = run_worker_process(settings, listeners, self.admin_socket, channel_fd, limit, self.status_file)
+            status = run_worker_process(
+                settings, listeners, self.admin_socket, channel_fd, limit, self.status_file, str(self.store_path),
+            )
         except BaseException:
             log.exception("worker failed")
         finally:
             os._exit(status)
+
+    def _leave_supervisor(self, keep: Slot | None) -> None:
+        """In a freshly forked child: default signal handling, and none of the supervisor's fds."""
+        signal.set_wakeup_fd(-1)
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+        for fd in [self._wakeup_read, self._wakeup_write] + [w.channel.fd for w in self.workers.values()]:
+            os.close(fd)
+        for other in self.slots:
+            if other is not keep:
+                for sock in other.sockets.values():
+                    sock.close()
+
+    # --- the host-local store -------------------------------------------------------------------
+
+    @property
+    def store_path(self) -> Path:
+        return runtime.store_path(self.runtime)
+
+    def start_store(self) -> None:
+        """Fork the store process (see gateway.store.local) and wait until it listens."""
+        path = self.store_path
+        if path.exists():
+            path.unlink()
+        store = self.settings.store
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                self._leave_supervisor(keep=None)
+                if self.admin_socket is not None:
+                    self.admin_socket.close()
+                from .store.local import run_store_process
+                run_store_process(str(path), store.max_keys, store.max_bytes)
+                status = 0
+            except BaseException:
+                log.exception("the store process failed")
+            finally:
+                os._exit(status)
+        self.store_pid = pid
+        deadline = time.monotonic() + STORE_START_SECONDS
+        while not path.exists() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        log.info("store process %d listening on %s", pid, path, extra={"pid": pid})
+
+    def store_exited(self, reason: str) -> None:
+        self.store_pid = None
+        if self.stopping is not None:
+            return
+        log.error("the store process died (%s): restarting it; shared state is lost", reason)
+        self.metrics.restarts.labels("store").inc()
+        self.start_store()
 
     @property
     def status_file(self) -> Path:
@@ -253,6 +303,9 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if pid == self.store_pid:
+                self.store_exited(exit_reason(status))
+                continue
             worker = self.workers.pop(pid, None)
             if worker is not None:
                 worker.exit_reason = exit_reason(status)
@@ -501,12 +554,24 @@ class Supervisor:
     def stopped(self) -> bool:
         if not self.workers:
             log.info("all workers stopped")
+            self.stop_store()
             return True
         if time.monotonic() > self.stop_deadline:
             log.warning("%d workers still running at the deadline: killing them", len(self.workers))
             self.kill_all(signal.SIGKILL)
+            self.stop_store()
             return True
         return False
+
+    def stop_store(self) -> None:
+        if self.store_pid is None:
+            return
+        _kill(self.store_pid, signal.SIGTERM)
+        try:
+            os.waitpid(self.store_pid, 0)
+        except ChildProcessError:
+            pass
+        self.store_pid = None
 
     def kill_all(self, signum: int) -> None:
         for pid in list(self.workers):

@@ -5,8 +5,11 @@ plugin's test suite only needs ``pytest-aiohttp``::
 
     from aiohttp import web
 
+    async def hello(request):
+        return web.Response(text="hi")
+
     async def test_adds_header(plugway_gateway, aiohttp_raw_server):
-        upstream = await aiohttp_raw_server(lambda request: web.Response(text="hi"))
+        upstream = await aiohttp_raw_server(hello)
         gateway = await plugway_gateway(f'''
             [[upstreams]]
             name = "app"
@@ -24,22 +27,39 @@ plugin's test suite only needs ``pytest-aiohttp``::
 ``plugins`` registers plugin modules under a name without installing them;
 installed plugins are found by entry point as in production. Everything
 started is stopped at the end of the test.
+
+``plugway_process`` runs the real ``plugway run`` (supervisor and workers)
+instead, for tests of what only a cluster shows; ``redis_server`` and
+``redis_cluster`` start real ``redis-server`` processes on free ports.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
 import textwrap
+import time
+import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import tomli_w
 
 from . import config
 from .plugins import load_plugins
 from .sockets import bind_listener
 from .worker import Gateway, Worker
+
+PLUGWAY = str(Path(sys.executable).with_name("plugway"))
 
 
 class RunningGateway:
@@ -81,6 +101,130 @@ async def start_gateway(config_text: str, plugins: dict[str, Any] | None = None)
     return RunningGateway(worker, task, listener.getsockname()[1], admin.getsockname()[1])
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.02) -> None:
+    """Poll ``condition`` until it holds; fail the test if it never does (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {condition}")
+        time.sleep(interval)
+
+
+class PlugwayProcess:
+    """``plugway run`` as a real process, with its stdout (the access log) captured to a file."""
+
+    def __init__(self, tmp_path: Path, config_text: str, *, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.runtime_dir = tmp_path / "run"
+        self.config_path = tmp_path / "plugway.toml"
+        self.stdout_path = tmp_path / "stdout.log"
+        self.stderr_path = tmp_path / "stderr.log"
+        self.write_config(config_text)
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def write_config(self, config_text: str) -> None:
+        """Write the configuration with this process's ports and runtime directory filled in."""
+        table = tomllib.loads(config_text)
+        server = table.setdefault("server", {})
+        server.setdefault("listen", [f"127.0.0.1:{self.port}"])
+        server["runtime_dir"] = str(self.runtime_dir)
+        table.setdefault("admin", {}).setdefault("listen", f"127.0.0.1:{self.admin_port}")
+        self.config_path.write_text(tomli_w.dumps(table))
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.runtime_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def ready_workers(self) -> list[dict]:
+        return [w for w in self.status().get("workers", []) if w["state"] == "ready"]
+
+    def wait_for_workers(self, count: int, generation: int | None = None, timeout: float = 30) -> list[dict]:
+        def settled():
+            workers = self.ready_workers()
+            status = self.status()
+            return (len(workers) == count and len(status.get("workers", [])) == count
+                    and (generation is None or all(w["generation"] == generation for w in workers)))
+        wait_until(settled, timeout=timeout)
+        return self.ready_workers()
+
+    def logged(self, text: str) -> bool:
+        """Whether the gateway's own (JSON) log has a message containing ``text``."""
+        for line in self.stderr_path.read_text().splitlines():
+            try:
+                if text in json.loads(line).get("message", ""):
+                    return True
+            except ValueError:
+                continue
+        return False
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PLUGWAY, *args, "-c", str(self.config_path)], capture_output=True, text=True,
+                              timeout=120, env=self.env)
+
+    def start(self, *args: str) -> PlugwayProcess:
+        self.process = subprocess.Popen(
+            [PLUGWAY, *args, "-c", str(self.config_path)] if args else [PLUGWAY, "run", "-c", str(self.config_path)],
+            stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"), env=self.env,
+        )
+        wait_until(lambda: self.status().get("ready") or self.process.poll() is not None, timeout=30)
+        if self.process.poll() is not None:
+            raise AssertionError(f"plugway exited early: {self.stderr_path.read_text()}")
+        return self
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.process.wait(timeout)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def access_log(self) -> list[dict]:
+        return [json.loads(line) for line in self.stdout_path.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture
+def plugway_process(tmp_path):
+    """Factory: ``plugway_process(toml_text, env={...})`` -> a started ``PlugwayProcess``.
+
+    Ports, the admin address and the runtime directory are filled in; each call gets
+    its own directory, so several gateways (two hosts sharing a Redis) can run at once.
+    """
+    started: list[PlugwayProcess] = []
+
+    def start(config_text: str, *args: str, env: dict[str, str] | None = None) -> PlugwayProcess:
+        directory = tmp_path / f"gateway-{len(started)}"
+        directory.mkdir()
+        process = PlugwayProcess(directory, config_text, env=env).start(*args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
 @pytest.fixture
 async def plugway_gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
     """Factory: ``await plugway_gateway(toml_text, plugins={name: module})`` -> ``RunningGateway``."""
@@ -94,3 +238,101 @@ async def plugway_gateway() -> AsyncIterator[Callable[..., Awaitable[RunningGate
     yield start
     for running in reversed(started):
         await running.stop()
+
+
+# --- real Redis for store tests --------------------------------------------------------------------
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(200):
+        candidate = random.randint(20000, 29999)
+        with socket.socket() as first, socket.socket() as second:
+            try:
+                first.bind(("127.0.0.1", candidate))
+                second.bind(("127.0.0.1", candidate + 10000))
+            except OSError:
+                continue
+            return candidate
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+class RedisServer:
+    """A ``redis-server`` on a free loopback port, nothing saved to disk."""
+
+    def __init__(self, directory: Path, *args: str) -> None:
+        self.port = _free_cluster_port() if "--cluster-enabled" in args else free_port()
+        self.directory = directory
+        self.args = args
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory), *self.args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_until(self.answers, timeout=15)
+        return self
+
+    def cli(self, *args: str) -> str:
+        result = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=30)
+        return result.stdout.strip()
+
+    def answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """Factory: ``redis_server()`` -> a started ``RedisServer`` (stopped after the test)."""
+    started: list[RedisServer] = []
+
+    def start(*args: str) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(started)}", *args).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def redis_cluster(redis_server):
+    """Factory: ``redis_cluster(nodes=3)`` -> the node servers of a real Redis Cluster (no replicas)."""
+
+    def start(nodes: int = 3) -> list[RedisServer]:
+        servers = [redis_server("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                                "--cluster-node-timeout", "2000") for _ in range(nodes)]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *[f"127.0.0.1:{s.port}" for s in servers], "--cluster-replicas", "0",
+             "--cluster-yes"], capture_output=True, text=True, check=True, timeout=60,
+        )
+        wait_until(lambda: all("cluster_state:ok" in s.cli("cluster", "info") for s in servers), timeout=30)
+        return servers
+
+    return start

@@ -29,7 +29,7 @@ from typing import Any
 
 from .accesslog import AccessLog
 from .admin import start_admin
-from .config.model import GatewaySettings
+from .config.model import GatewaySettings, StoreSettings
 from .config.schema import ConfigErrors
 from .context import RequestContext
 from .errors import GatewayError
@@ -41,6 +41,8 @@ from .plugins import PluginSet, load_plugins
 from .requesthead import HeadRules
 from .routing import Router, compile_route
 from .server import CONNECTION_REFUSED, ListenerServer, require_c_parser
+from .store import InProcessStore, Store
+from .store.local import LocalStore
 from .upstream import Upstream
 from .upstream.resolver import Resolver
 
@@ -61,7 +63,10 @@ class Gateway:
     process), ``spawn`` (background tasks), ``upstream(name)``.
     """
 
-    def __init__(self, settings: GatewaySettings, plugins: PluginSet, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, settings: GatewaySettings, plugins: PluginSet, loop: asyncio.AbstractEventLoop,
+        store_path: str | None = None,
+    ) -> None:
         self.settings = settings
         self.plugins = plugins
         self.loop = loop
@@ -79,6 +84,7 @@ class Gateway:
         self.connections = 0
         self.connections_by_ip: dict[str, int] = {}
         self.resolver = Resolver(loop)
+        self.local_store, self.store = _stores(settings.store, store_path)
         self.upstreams = {u.name: Upstream(u, loop, self.resolver) for u in settings.upstreams}
         routes = []
         for index, route_settings in enumerate(settings.routes):
@@ -163,10 +169,13 @@ class Gateway:
             except Exception:
                 log.exception("a plugin failed to stop cleanly")
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for upstream in self.upstreams.values():
             upstream.close()
         self.resolver.close()
+        await self.store.close()
+        if self.local_store is not self.store:
+            await self.local_store.close()
         if self.access_log is not None:
             self.access_log.flush()
 
@@ -186,8 +195,10 @@ class Worker:
         channel: WorkerChannel | None = None,
         request_limit: int = 0,
         status_file: Path | None = None,
+        store_path: str | None = None,
     ) -> None:
         self.settings = settings
+        self._store_path = store_path
         self.listeners = listeners
         self.admin_socket = admin_socket
         self._plugins = plugins
@@ -209,8 +220,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         plugins = self._plugins or load_plugins(self.settings)
-        gateway = self.gateway = Gateway(self.settings, plugins, loop)
+        gateway = self.gateway = Gateway(self.settings, plugins, loop, self._store_path)
         gateway.status_file = self._status_file
+        await gateway.store.connect()
         await gateway.start_plugins()
         servers = [await self._listen(gateway, sock, scheme) for sock, scheme in self.listeners]
         admin = await start_admin(gateway, self.admin_socket) if self.admin_socket is not None else None
@@ -229,7 +241,7 @@ class Worker:
         if admin is not None:
             await admin.cleanup()
         await gateway.stop_plugins()
-        gateway.close()
+        await gateway.close()
 
     async def _heartbeat(self, gateway: Gateway) -> None:
         """Tell the supervisor this event loop is alive; ask to be recycled past the limits."""
@@ -304,6 +316,7 @@ def run_worker_process(
     channel_fd: int,
     request_limit: int,
     status_file: Path,
+    store_path: str,
 ) -> int:
     """The body of a forked worker process; returns its exit status."""
     _die_with_parent()
@@ -317,7 +330,7 @@ def run_worker_process(
         return EXIT_BOOT_FAILED
     worker = Worker(
         settings, listeners, admin_socket, plugins=plugins, channel=channel, request_limit=request_limit,
-        status_file=status_file,
+        status_file=status_file, store_path=store_path,
     )
     try:
         worker.run()
@@ -345,6 +358,18 @@ def _rss_bytes() -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def _stores(settings: StoreSettings, store_path: str | None) -> tuple[Store, Store]:
+    """(host-local store, configured store): the store process when a supervisor runs one, else in-process."""
+    if store_path is not None:
+        local: Store = LocalStore(store_path, settings.timeout)
+    else:
+        local = InProcessStore(settings.max_keys, settings.max_bytes)
+    if settings.backend == "redis":
+        from .store.redis import RedisStore
+        return local, RedisStore(settings)
+    return local, local
 
 
 def _stop_reading(loop: asyncio.AbstractEventLoop, sock: Any) -> None:

@@ -7,11 +7,6 @@ clients use real sockets, and process tests run the real ``plugway`` command.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Callable
@@ -20,23 +15,9 @@ from pathlib import Path
 import httptools
 import pytest
 
+from gateway.testing import PLUGWAY, free_port, wait_until  # noqa: F401  (re-exported for the tests)
+
 ROOT = Path(__file__).resolve().parent.parent
-PLUGWAY = str(Path(sys.executable).with_name("plugway"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0, interval: float = 0.02) -> None:
-    """Poll ``condition`` until it holds; fail the test if it never does."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s: {condition}")
-        time.sleep(interval)
 
 
 async def async_wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
@@ -191,112 +172,3 @@ async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0) -> 
         pass
     writer.close()
     return b"".join(chunks)
-
-
-class GatewayProcess:
-    """``plugway run`` as a real process, with its stdout (the access log) captured to a file."""
-
-    def __init__(self, tmp_path: Path, config_text: str, *, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.admin_port = free_port()
-        self.runtime_dir = tmp_path / "run"
-        self.config_path = tmp_path / "plugway.toml"
-        self.stdout_path = tmp_path / "stdout.log"
-        self.stderr_path = tmp_path / "stderr.log"
-        self.write_config(config_text)
-        self.env = {**os.environ, **(env or {})}
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def write_config(self, config_text: str) -> None:
-        """Write the configuration with this process's ports and runtime directory filled in."""
-        import tomllib
-
-        import tomli_w
-
-        table = tomllib.loads(config_text)
-        server = table.setdefault("server", {})
-        server.setdefault("listen", [f"127.0.0.1:{self.port}"])
-        server["runtime_dir"] = str(self.runtime_dir)
-        table.setdefault("admin", {}).setdefault("listen", f"127.0.0.1:{self.admin_port}")
-        self.config_path.write_text(tomli_w.dumps(table))
-
-    def status(self) -> dict:
-        import json
-        try:
-            return json.loads((self.runtime_dir / "status.json").read_text())
-        except (OSError, ValueError):
-            return {}
-
-    def ready_workers(self) -> list[dict]:
-        return [w for w in self.status().get("workers", []) if w["state"] == "ready"]
-
-    def wait_for_workers(self, count: int, generation: int | None = None, timeout: float = 30) -> list[dict]:
-        def settled():
-            workers = self.ready_workers()
-            status = self.status()
-            return (len(workers) == count and len(status.get("workers", [])) == count
-                    and (generation is None or all(w["generation"] == generation for w in workers)))
-        wait_until(settled, timeout=timeout)
-        return self.ready_workers()
-
-    def logged(self, text: str) -> bool:
-        """Whether the gateway's own (JSON) log has a message containing ``text``."""
-        import json
-        for line in self.stderr_path.read_text().splitlines():
-            try:
-                if text in json.loads(line).get("message", ""):
-                    return True
-            except ValueError:
-                continue
-        return False
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([PLUGWAY, *args, "-c", str(self.config_path)], capture_output=True, text=True,
-                              timeout=120, env=self.env)
-
-    def start(self, *args: str) -> GatewayProcess:
-        self.process = subprocess.Popen(
-            [PLUGWAY, *args, "-c", str(self.config_path)] if args else [PLUGWAY, "run", "-c", str(self.config_path)],
-            stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"), env=self.env,
-        )
-        wait_until(lambda: self.status().get("ready") or self.process.poll() is not None, timeout=30)
-        if self.process.poll() is not None:
-            raise AssertionError(f"plugway exited early: {self.stderr_path.read_text()}")
-        return self
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def wait(self, timeout: float = 30) -> int:
-        return self.process.wait(timeout)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def access_log(self) -> list[dict]:
-        import json
-        return [json.loads(line) for line in self.stdout_path.read_text().splitlines() if line.startswith("{")]
-
-
-@pytest.fixture
-def gateway_process(tmp_path):
-    started: list[GatewayProcess] = []
-
-    def start(config_text: str, *args: str, env: dict[str, str] | None = None) -> GatewayProcess:
-        process = GatewayProcess(tmp_path, config_text, env=env).start(*args)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()

@@ -32,8 +32,8 @@ async def get(port: int, path: str, headers: dict | None = None) -> tuple[int, s
             return response.status, await response.text()
 
 
-async def test_starts_the_configured_number_of_workers_each_on_its_own_socket(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server="workers = 3"))
+async def test_starts_the_configured_number_of_workers_each_on_its_own_socket(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 3"))
     workers = gateway.wait_for_workers(3)
     assert len({w["pid"] for w in workers}) == 3
     assert sorted(w["slot"] for w in workers) == [0, 1, 2]
@@ -45,8 +45,8 @@ async def test_starts_the_configured_number_of_workers_each_on_its_own_socket(ga
     assert sum(1 for w in gateway.status()["workers"] if w["requests"] > 0) >= 2
 
 
-async def test_hup_with_a_changed_route_serves_the_new_config_with_new_workers(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server="workers = 2"))
+async def test_hup_with_a_changed_route_serves_the_new_config_with_new_workers(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
     before = {w["pid"] for w in gateway.wait_for_workers(2)}
     assert (await get(gateway.port, "/v2/x"))[0] == 404
     gateway.write_config(route_config(upstream_url, server="workers = 2").replace('prefix = "/api"', 'prefix = "/v2"'))
@@ -64,9 +64,9 @@ async def test_hup_with_a_changed_route_serves_the_new_config_with_new_workers(g
     (lambda text: text + "[plugins.sample]\ntag = 5\n", "plugins.sample.tag: must be a string"),
     (lambda text: text + "[plugins.nosuch]\n", 'plugins.nosuch: no plugin named "nosuch"'),
 ], ids=["core", "plugin-settings", "unknown-plugin"])
-async def test_hup_with_an_invalid_config_keeps_the_old_one_and_says_why(gateway_process, upstream_url, change, reason):
+async def test_hup_with_an_invalid_config_keeps_the_old_one_and_says_why(plugway_process, upstream_url, change, reason):
     good = route_config(upstream_url, server="workers = 2")
-    gateway = gateway_process(good)
+    gateway = plugway_process(good)
     before = {w["pid"] for w in gateway.wait_for_workers(2)}
     gateway.config_path.write_text(change(gateway.config_path.read_text()))
     result = gateway.cli("reload")
@@ -79,8 +79,8 @@ async def test_hup_with_an_invalid_config_keeps_the_old_one_and_says_why(gateway
     assert (await get(gateway.port, "/api/x"))[0] == 200
 
 
-async def test_ttin_and_ttou_change_the_worker_count(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server="workers = 2"))
+async def test_ttin_and_ttou_change_the_worker_count(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
     gateway.wait_for_workers(2)
     gateway.signal(signal.SIGTTIN)
     assert len(gateway.wait_for_workers(3)) == 3
@@ -94,8 +94,8 @@ async def test_ttin_and_ttou_change_the_worker_count(gateway_process, upstream_u
     assert (await get(gateway.port, "/api/x"))[0] == 200
 
 
-async def test_a_killed_worker_is_replaced_at_once(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server="workers = 2"))
+async def test_a_killed_worker_is_replaced_at_once(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
     victim = gateway.wait_for_workers(2)[0]
     killed_at = time.monotonic()
     os.kill(victim["pid"], signal.SIGKILL)
@@ -109,8 +109,8 @@ async def test_a_killed_worker_is_replaced_at_once(gateway_process, upstream_url
         assert (await get(gateway.port, "/api/x"))[0] == 200
 
 
-async def test_a_slot_that_keeps_crashing_backs_off(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server="workers = 1"))
+async def test_a_slot_that_keeps_crashing_backs_off(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 1"))
     for attempt in range(3):
         pid = gateway.wait_for_workers(1)[0]["pid"]
         os.kill(pid, signal.SIGKILL)
@@ -120,8 +120,8 @@ async def test_a_slot_that_keeps_crashing_backs_off(gateway_process, upstream_ur
     gateway.wait_for_workers(1)
 
 
-async def test_a_stuck_worker_is_killed_and_replaced(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server='workers = 1\nworker_timeout = "1s"'))
+async def test_a_stuck_worker_is_killed_and_replaced(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server='workers = 1\nworker_timeout = "1s"'))
     stuck = gateway.wait_for_workers(1)[0]["pid"]
     os.kill(stuck, signal.SIGSTOP)  # its event loop stops: no more heartbeats
     wait_until(lambda: gateway.ready_workers() and gateway.ready_workers()[0]["pid"] != stuck)
@@ -129,8 +129,8 @@ async def test_a_stuck_worker_is_killed_and_replaced(gateway_process, upstream_u
     assert (await get(gateway.port, "/api/x"))[0] == 200
 
 
-async def test_term_lets_a_slow_in_flight_request_finish(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server="workers = 2"))
+async def test_term_lets_a_slow_in_flight_request_finish(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
     gateway.wait_for_workers(2)
     slow = asyncio.create_task(get(gateway.port, "/api/slow"))
     await asyncio.sleep(0.3)
@@ -140,8 +140,8 @@ async def test_term_lets_a_slow_in_flight_request_finish(gateway_process, upstre
     assert not (gateway.runtime_dir / "plugway.pid").exists()
 
 
-async def test_quit_stops_at_once(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server="workers = 2"))
+async def test_quit_stops_at_once(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
     gateway.wait_for_workers(2)
     slow = asyncio.create_task(get(gateway.port, "/api/slow"))
     await asyncio.sleep(0.3)
@@ -151,8 +151,8 @@ async def test_quit_stops_at_once(gateway_process, upstream_url):
         await slow
 
 
-async def test_workers_exit_when_the_supervisor_is_killed(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server="workers = 2"))
+async def test_workers_exit_when_the_supervisor_is_killed(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
     pids = [w["pid"] for w in gateway.wait_for_workers(2)]
     gateway.process.kill()
     gateway.process.wait()
@@ -170,8 +170,8 @@ async def test_workers_exit_when_the_supervisor_is_killed(gateway_process, upstr
         assert sock.connect_ex(("127.0.0.1", gateway.port)) != 0  # nobody holds the port any more
 
 
-async def test_metrics_are_summed_over_workers_and_include_the_supervisor(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server="workers = 2"))
+async def test_metrics_are_summed_over_workers_and_include_the_supervisor(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
     gateway.wait_for_workers(2)
     for _ in range(40):
         await get(gateway.port, "/api/x")
@@ -185,10 +185,10 @@ async def test_metrics_are_summed_over_workers_and_include_the_supervisor(gatewa
     assert "plugway_config_generation 2.0" in text
 
 
-async def test_admin_status_and_reload_with_a_bearer_token(gateway_process, upstream_url):
+async def test_admin_status_and_reload_with_a_bearer_token(plugway_process, upstream_url):
     token = "s3cret-token-0123456789"
     config = route_config(upstream_url, server="workers = 2") + '\n[admin]\ntoken_env = "PLUGWAY_ADMIN_TOKEN"\n'
-    gateway = gateway_process(config, env={"PLUGWAY_ADMIN_TOKEN": token})
+    gateway = plugway_process(config, env={"PLUGWAY_ADMIN_TOKEN": token})
     pids = {w["pid"] for w in gateway.wait_for_workers(2)}
     assert (await get(gateway.admin_port, "/status"))[0] == 401
     assert (await get(gateway.admin_port, "/status", {"Authorization": "Bearer wrong"}))[0] == 401
@@ -213,8 +213,8 @@ def test_the_admin_api_refuses_a_public_address_without_a_token(tmp_path):
     assert "admin.token_env: is required" in str(caught.value)
 
 
-async def test_max_requests_recycles_workers_through_the_drain(gateway_process, upstream_url):
-    gateway = gateway_process(route_config(upstream_url, server="workers = 1\nmax_requests = 30"))
+async def test_max_requests_recycles_workers_through_the_drain(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 1\nmax_requests = 30"))
     first = gateway.wait_for_workers(1)[0]["pid"]
     statuses = [(await get(gateway.port, "/api/x"))[0] for _ in range(45)]
     assert statuses == [200] * 45
@@ -222,9 +222,9 @@ async def test_max_requests_recycles_workers_through_the_drain(gateway_process, 
     assert gateway.logged("recycling worker") and gateway.logged("max_requests")
 
 
-async def test_ten_reloads_under_constant_load_fail_no_request(gateway_process, upstream_url):
+async def test_ten_reloads_under_constant_load_fail_no_request(plugway_process, upstream_url):
     config = route_config(upstream_url, server="workers = 2")
-    gateway = gateway_process(config)
+    gateway = plugway_process(config)
     gateway.wait_for_workers(2)
     load = asyncio.create_task(constant_load(gateway.port, rate=150, duration=12))
     for generation in range(2, 12):  # each reload adds a route
@@ -238,13 +238,13 @@ async def test_ten_reloads_under_constant_load_fail_no_request(gateway_process, 
     assert result.failed == 0, result
 
 
-async def test_kill_9_under_load_loses_at_most_the_in_flight_requests(gateway_process, aiohttp_raw_server):
+async def test_kill_9_under_load_loses_at_most_the_in_flight_requests(plugway_process, aiohttp_raw_server):
     async def handler(request):
         await asyncio.sleep(0.05)
         return web.Response(text="ok")
 
     server = await aiohttp_raw_server(handler)
-    gateway = gateway_process(route_config(str(server.make_url("")).rstrip("/"), server="workers = 2"))
+    gateway = plugway_process(route_config(str(server.make_url("")).rstrip("/"), server="workers = 2"))
     victim = gateway.wait_for_workers(2)[0]["pid"]
     load = asyncio.create_task(constant_load(gateway.port, rate=100, duration=6, keepalive=0))
     await asyncio.sleep(2)

@@ -66,10 +66,10 @@ async def start_streaming_upstream():
     return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
-async def test_one_gib_each_way_streams_with_flat_gateway_memory(gateway_process):
+async def test_one_gib_each_way_streams_with_flat_gateway_memory(plugway_process):
     upstream = await start_streaming_upstream()
     port = upstream.sockets[0].getsockname()[1]
-    gateway = gateway_process(route_config(f"http://127.0.0.1:{port}", server='workers = 1\nclient_max_body = "2GiB"'))
+    gateway = plugway_process(route_config(f"http://127.0.0.1:{port}", server='workers = 1\nclient_max_body = "2GiB"'))
     pid = gateway.ready_workers()[0]["pid"]
 
     with PeakRss(pid) as upload:
@@ -100,7 +100,7 @@ async def test_one_gib_each_way_streams_with_flat_gateway_memory(gateway_process
     assert growth < 32 * MIB
 
 
-async def test_sigterm_lets_an_in_flight_request_finish(gateway_process, aiohttp_raw_server):
+async def test_sigterm_lets_an_in_flight_request_finish(plugway_process, aiohttp_raw_server):
     from aiohttp import web
 
     started = asyncio.Event()
@@ -111,7 +111,7 @@ async def test_sigterm_lets_an_in_flight_request_finish(gateway_process, aiohttp
         return web.Response(text="finished")
 
     upstream = await aiohttp_raw_server(slow)
-    gateway = gateway_process(route_config(str(upstream.make_url("")).rstrip("/"), server="workers = 1"))
+    gateway = plugway_process(route_config(str(upstream.make_url("")).rstrip("/"), server="workers = 1"))
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     writer.write(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()

@@ -45,14 +45,14 @@ class NotifySocket:
 
 
 @pytest.mark.parametrize("abstract", [False, True], ids=["path", "abstract"])
-def test_ready_reloading_ready_stopping_in_order(gateway_process, tmp_path, abstract):
+def test_ready_reloading_ready_stopping_in_order(plugway_process, tmp_path, abstract):
     if abstract:
         name = f"plugway-test-{os.getpid()}-{time.monotonic_ns()}"
         notify = NotifySocket("@" + name, "\0" + name)
     else:
         path = str(tmp_path / "notify.sock")
         notify = NotifySocket(path, path)
-    gateway = gateway_process(route_config("http://127.0.0.1:9", server="workers = 2"),
+    gateway = plugway_process(route_config("http://127.0.0.1:9", server="workers = 2"),
                               env={"NOTIFY_SOCKET": notify.address})
     ready = notify.wait_for("READY", "1")
     assert "serving with 2 workers" in ready["STATUS"]
@@ -70,10 +70,10 @@ def test_ready_reloading_ready_stopping_in_order(gateway_process, tmp_path, abst
     gateway.wait()
 
 
-def test_a_failed_reload_reports_its_reason_in_status(gateway_process, tmp_path):
+def test_a_failed_reload_reports_its_reason_in_status(plugway_process, tmp_path):
     path = str(tmp_path / "notify.sock")
     notify = NotifySocket(path, path)
-    gateway = gateway_process(route_config("http://127.0.0.1:9", server="workers = 1"), env={"NOTIFY_SOCKET": path})
+    gateway = plugway_process(route_config("http://127.0.0.1:9", server="workers = 1"), env={"NOTIFY_SOCKET": path})
     notify.wait_for("READY", "1")
     gateway.config_path.write_text(gateway.config_path.read_text().replace("workers = 1", "workers = -1"))
     gateway.signal(signal.SIGHUP)
@@ -82,10 +82,10 @@ def test_a_failed_reload_reports_its_reason_in_status(gateway_process, tmp_path)
     assert "server.workers" in message
 
 
-def test_watchdog_pings_at_half_the_interval(gateway_process, tmp_path):
+def test_watchdog_pings_at_half_the_interval(plugway_process, tmp_path):
     path = str(tmp_path / "notify.sock")
     notify = NotifySocket(path, path)
-    gateway_process(route_config("http://127.0.0.1:9", server="workers = 1"),
+    plugway_process(route_config("http://127.0.0.1:9", server="workers = 1"),
                     env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"})
     notify.wait_for("READY", "1")
     start = len(notify.collect())

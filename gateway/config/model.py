@@ -231,6 +231,45 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    backend: Literal["local", "redis"] = setting(
+        "local", doc='Where shared state lives: "local" (all workers of this host) or "redis" (across hosts).',
+    )
+    max_keys: int = setting(1_000_000, doc="Local store: most keys held; least recently used go first.")
+    max_bytes: Size = setting(
+        Size("512MiB"), doc="Local store: most memory held (values plus ~430 bytes per key); 1M rate-limit keys fit.",
+    )
+    timeout: Duration = setting(Duration("100ms"), doc="Longest wait for one store operation.")
+    url: str | None = setting(None, doc='Redis: "redis://host:6379/0" or "rediss://" for TLS; no password here.')
+    password_env: str | None = setting(None, doc="Redis: environment variable holding the password.")
+    cluster: bool = setting(False, doc="Redis: the URL names a node of a Redis Cluster.")
+    sentinels: tuple[str, ...] = setting((), doc='Redis Sentinel: "host:port" of each sentinel (instead of url).')
+    sentinel_master: str | None = setting(None, doc="Redis Sentinel: the name of the monitored master.")
+    pool_size: int = setting(64, doc="Redis: connections per worker.")
+    key_prefix: str = setting("plugway:", doc="Redis: prefix of every key Plugway writes.")
+    retry_interval: Duration = setting(
+        Duration("1s"), doc="After a failure, operations fail at once for this long before Redis is tried again.",
+    )
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if self.backend == "redis" and not self.url and not self.sentinels:
+            yield "url", 'is required with backend = "redis" (or sentinels and sentinel_master)'
+        if self.sentinels and not self.sentinel_master:
+            yield "sentinel_master", "is required with sentinels"
+        if self.url and not self.url.startswith(("redis://", "rediss://")):
+            yield "url", f"{self.url!r} must start with redis:// or rediss://"
+        if self.url and "@" in self.url.partition("://")[2].partition("/")[0]:
+            yield "url", "must not hold a password; name an environment variable in password_env"
+        for sentinel in self.sentinels:
+            try:
+                parse_address(sentinel)
+            except ValueError as exc:
+                yield "sentinels", str(exc)
+        if self.max_keys < 1 or self.pool_size < 1:
+            yield "max_keys", "max_keys and pool_size must be at least 1"
+
+
+@dataclass(frozen=True)
 class TargetSettings:
     url: str = setting(doc='Where to send requests: "http://host:port" or "https://host:port".')
     weight: int = setting(1, doc="Share of traffic relative to the other targets.")
@@ -327,6 +366,7 @@ class GatewaySettings:
     server: ServerSettings = setting(factory=ServerSettings, doc="The client-facing server.")
     admin: AdminSettings = setting(factory=AdminSettings, doc="The admin listener.")
     log: LogSettings = setting(factory=LogSettings, doc="Logging.")
+    store: StoreSettings = setting(factory=StoreSettings, doc="Shared state for plugins (rate limits, revocations...).")
     upstreams: tuple[UpstreamSettings, ...] = setting((), doc="Groups of targets that routes send requests to.")
     routes: tuple[RouteSettings, ...] = setting((), doc="Which requests go where, in order of specificity.")
     plugins: Mapping[str, Table] = plugin_tables(doc="Plugins enabled on every route: [plugins.NAME].")

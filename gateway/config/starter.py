@@ -11,7 +11,7 @@ from typing import Any
 
 import tomli_w
 
-from .model import AdminSettings, LogSettings, RouteSettings, ServerSettings, UpstreamSettings
+from .model import AdminSettings, LogSettings, RouteSettings, ServerSettings, StoreSettings, UpstreamSettings
 from .schema import render_value
 
 _EXAMPLE_UPSTREAM = {"name": "backend", "targets": [{"url": "http://127.0.0.1:9001", "weight": 1}]}
@@ -25,6 +25,7 @@ def starter_config() -> str:
         _table("server", ServerSettings),
         _table("admin", AdminSettings),
         _table("log", LogSettings),
+        _table("store", StoreSettings),
         _table("upstreams", UpstreamSettings, _EXAMPLE_UPSTREAM, array=True),
         _table("routes", RouteSettings, _EXAMPLE_ROUTE, array=True),
         "# Plugins enabled on every route go in [plugins.NAME] tables; a route overrides them in\n"

@@ -1,0 +1,218 @@
+"""The store on Redis, Redis Cluster or Redis behind Sentinel (redis-py's asyncio client).
+
+Every multi-step operation is one Lua script (sent with EVALSHA; redis-py
+loads it again on NOSCRIPT), using Redis's own clock (``TIME``) so that the
+hosts sharing a limit agree on time. Each worker has its own connection pool.
+
+A rate-limit check over several keys is one script, atomic, on a single
+Redis. On Redis Cluster the keys of one request usually live in different
+slots, so each key is checked atomically on its own, in order, and when a
+later one refuses, the ones already taken are given back (the all-or-nothing
+result holds; a concurrent request may briefly see the refunded tokens as
+taken).
+
+At most ``pool_size`` operations of a worker are in flight at once; more wait
+for a connection (within the timeout). Failures (connection refused,
+timeouts, cluster errors) raise ``StoreUnavailable``. After one, operations fail at once for
+``retry_interval`` instead of each waiting out the timeout, then Redis is
+tried again: limits are enforced again at most that long after Redis returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+
+from ..config.model import StoreSettings, parse_address
+from . import StoreUnavailable
+from .memory import Limit, LimitResult
+
+_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local results, states, all = {}, {}, true
+for i = 1, #KEYS do
+  local b = (i - 1) * 5
+  local algo, limit, period = ARGV[b + 1], tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  local burst, cost = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
+  if burst == 0 then burst = limit end
+  if algo == 'token_bucket' then
+    local rate = limit / period
+    local s = redis.call('HMGET', KEYS[i], 't', 'ts')
+    local tokens, ts = tonumber(s[1]) or burst, tonumber(s[2]) or now
+    tokens = math.min(burst, tokens + math.max(0, now - ts) * rate)
+    local allowed = tokens >= cost
+    if allowed then tokens = tokens - cost end
+    local retry = 0
+    if not allowed then retry = (cost - tokens) / rate end
+    results[i] = {allowed and 1 or 0, burst, math.floor(tokens), tostring((burst - tokens) / rate), tostring(retry)}
+    states[i] = {'t', tostring(tokens), 'ts', tostring(now), math.ceil(period * math.max(1, burst / limit) * 1000)}
+    all = all and allowed
+  else
+    local window = math.floor(now / period)
+    local s = redis.call('HMGET', KEYS[i], 'w', 'c', 'p')
+    local start, cur, prev = tonumber(s[1]) or window, tonumber(s[2]) or 0, tonumber(s[3]) or 0
+    if window ~= start then
+      if window == start + 1 then prev = cur else prev = 0 end
+      cur, start = 0, window
+    end
+    local elapsed = now - window * period
+    local est = prev * (1 - elapsed / period) + cur
+    local allowed = est + cost <= limit
+    if allowed then cur = cur + cost; est = est + cost end
+    local reset = period - elapsed
+    local retry = 0
+    if not allowed then
+      retry = reset
+      if prev > 0 and cur + cost <= limit then retry = math.min(reset, (est + cost - limit) / prev * period) end
+    end
+    results[i] = {allowed and 1 or 0, limit, math.max(0, limit - math.ceil(est)), tostring(reset), tostring(retry)}
+    states[i] = {'w', start, 'c', cur, 'p', prev, math.ceil(period * 2000)}
+    all = all and allowed
+  end
+end
+if all then
+  for i = 1, #KEYS do
+    local s = states[i]
+    if #s == 5 then
+      redis.call('HSET', KEYS[i], s[1], s[2], s[3], s[4])
+      redis.call('PEXPIRE', KEYS[i], s[5])
+    else
+      redis.call('HSET', KEYS[i], s[1], s[2], s[3], s[4], s[5], s[6])
+      redis.call('PEXPIRE', KEYS[i], s[7])
+    end
+  end
+end
+return results
+"""
+
+_REFUND = """
+local algo, cost, burst = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if algo == 'token_bucket' then
+  local tokens = tonumber(redis.call('HGET', KEYS[1], 't')) or 0
+  redis.call('HSET', KEYS[1], 't', tostring(math.min(burst, tokens + cost)))
+else
+  redis.call('HINCRBY', KEYS[1], 'c', -cost)
+end
+return 1
+"""
+
+_INCR = """
+local value = redis.call('INCRBY', KEYS[1], ARGV[1])
+if value == tonumber(ARGV[1]) and tonumber(ARGV[2]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return value
+"""
+
+
+class RedisStore:
+    name = "redis"
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self.prefix = settings.key_prefix
+        self.timeout = settings.timeout
+        self.client = _client(settings)
+        self.cluster = settings.cluster
+        self._take = self.client.register_script(_TAKE)
+        self._refund = self.client.register_script(_REFUND)
+        self._incr = self.client.register_script(_INCR)
+        self._failed_until = 0.0
+        # redis-py's pools raise at once when all connections are busy: wait for one here instead.
+        self._slots = asyncio.Semaphore(settings.pool_size)
+
+    async def connect(self) -> None:
+        """Learn the cluster's slots before traffic arrives (concurrent first requests would each try)."""
+        if self.cluster:
+            try:
+                await self._call(self.client.initialize)
+            except StoreUnavailable:
+                pass  # retried by the first operations after retry_interval
+
+    async def take(self, limits: Sequence[Limit]) -> list[LimitResult]:
+        if self.cluster and len(limits) > 1:
+            return await self._take_per_slot(limits)
+        return await self._call(self._take_script, limits)
+
+    async def _take_script(self, limits: Sequence[Limit]) -> list[LimitResult]:
+        args: list[Any] = []
+        for limit in limits:
+            args += [limit.algorithm, limit.limit, limit.period, limit.burst, limit.cost]
+        rows = await self._take(keys=[self.prefix + limit.key for limit in limits], args=args)
+        return [LimitResult(bool(row[0]), int(row[1]), int(row[2]), float(row[3]), float(row[4])) for row in rows]
+
+    async def _take_per_slot(self, limits: Sequence[Limit]) -> list[LimitResult]:
+        taken: list[Limit] = []
+        results: list[LimitResult] = []
+        for limit in limits:
+            (result,) = await self._call(self._take_script, [limit])
+            results.append(result)
+            if not result.allowed:
+                for earlier in taken:
+                    await self._call(self._refund_one, earlier)
+                return results + [LimitResult(True, l.limit, 0, 0.0, 0.0) for l in limits[len(results):]]
+            taken.append(limit)
+        return results
+
+    async def _refund_one(self, limit: Limit) -> None:
+        await self._refund(keys=[self.prefix + limit.key], args=[limit.algorithm, limit.cost, limit.burst or limit.limit])
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._call(self.client.get, self.prefix + key)
+
+    async def set(self, key: str, value: bytes, ttl: float | None) -> None:
+        expiry = max(1, int(ttl * 1000)) if ttl is not None else None
+        await self._call(self.client.set, self.prefix + key, value, px=expiry)
+
+    async def delete(self, *keys: str) -> int:
+        total = 0
+        for key in keys:  # one by one: on a cluster the keys may live in different slots
+            total += await self._call(self.client.delete, self.prefix + key)
+        return total
+
+    async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
+        expiry = int(ttl * 1000) if ttl is not None else 0
+        return int(await self._call(self._incr, keys=[self.prefix + key], args=[amount, expiry]))
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    async def _call(self, operation: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run one operation. redis-py's own socket timeouts bound it (cancelling redis-py from
+        outside in the middle of a connection handshake leaves broken connections behind), and
+        an outer deadline of twice the timeout guards against anything else."""
+        if time.monotonic() < self._failed_until:
+            raise StoreUnavailable("Redis failed recently; not retried yet")
+        try:
+            async with asyncio.timeout(self.timeout * 2):
+                async with self._slots:
+                    return await operation(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure of the client is the store being unavailable
+            self._failed_until = time.monotonic() + self.settings.retry_interval
+            reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+            raise StoreUnavailable(f"Redis {reason}") from None
+
+
+def _client(settings: StoreSettings) -> Any:
+    """The redis-py client: RESP2 (every Redis since 2.6 speaks it), no retries of its own (the
+    caller's policy decides what a failure means), socket timeouts of ``store.timeout``."""
+    password = os.environ.get(settings.password_env) if settings.password_env else None
+    options = {
+        "password": password, "socket_timeout": settings.timeout, "socket_connect_timeout": settings.timeout,
+        "max_connections": settings.pool_size, "protocol": 2, "retry": Retry(NoBackoff(), 0),
+    }
+    if settings.sentinels:
+        sentinel = Sentinel([parse_address(address) for address in settings.sentinels], **options)
+        return sentinel.master_for(settings.sentinel_master, **options)
+    if settings.cluster:
+        return RedisCluster.from_url(settings.url, **options)
+    return aioredis.Redis.from_url(settings.url, **options)

@@ -1,0 +1,208 @@
+"""The rate limiting plugin on a real gateway (in-process store), against a real upstream."""
+
+import asyncio
+import textwrap
+
+import pytest
+from aiohttp import web
+
+from gateway import Consumer, PluginDeclaration, hookimpl
+
+
+class HeaderIdentity:
+    """Stands in for an auth plugin: the consumer comes from X-Test-User / X-Test-Roles."""
+
+    @hookimpl
+    def declare_plugin(self):
+        return PluginDeclaration(priority=1000)
+
+    @hookimpl
+    def on_request(self, ctx):
+        user = ctx.request.headers.get("X-Test-User")
+        if user:
+            roles = tuple(filter(None, ctx.request.headers.get("X-Test-Roles", "").split(",")))
+            ctx.consumer = Consumer(user, roles=roles)
+
+
+async def ok(request):
+    return web.Response(text="ok")
+
+
+@pytest.fixture
+async def upstream(aiohttp_raw_server):
+    server = await aiohttp_raw_server(ok)
+    return str(server.make_url("")).rstrip("/")
+
+
+def config(upstream: str, plugin: str, server: str = "", routes: str = "") -> str:
+    return textwrap.dedent(f"""
+        [server]
+        {server}
+        [log]
+        access = false
+        [[upstreams]]
+        name = "app"
+        targets = [{{ url = "{upstream}" }}]
+        [[routes]]
+        name = "api"
+        prefix = "/api"
+        upstream = "app"
+        {textwrap.dedent(routes)}
+        [plugins.identity]
+        [plugins.ratelimit]
+        {textwrap.dedent(plugin)}
+    """)
+
+
+async def statuses(gateway, count, path="/api/x", method="GET", headers=None):
+    results = []
+    for _ in range(count):
+        async with gateway.client.request(method, path, headers=headers) as response:
+            results.append(response.status)
+    return results
+
+
+async def test_a_limit_answers_429_with_retry_after_and_the_json_error(plugway_gateway, upstream):
+    gateway = await plugway_gateway(config(upstream, 'limit = "3/m"'), plugins={"identity": HeaderIdentity()})
+    assert await statuses(gateway, 3) == [200, 200, 200]
+    async with gateway.client.get("/api/x") as response:
+        assert response.status == 429
+        body = await response.json()
+        assert body["error"]["code"] == "rate_limited"
+        assert body["error"]["request_id"] == response.headers["X-Request-ID"]
+        assert 1 <= int(response.headers["Retry-After"]) <= 20
+        assert response.headers["RateLimit-Policy"] == '"default";q=3;w=60'
+        assert response.headers["RateLimit"].startswith('"default";r=0;t=')
+
+
+async def test_draft_and_legacy_headers_on_every_response(plugway_gateway, upstream):
+    gateway = await plugway_gateway(config(upstream, 'limit = "10/m"\nheaders = "both"'),
+                                    plugins={"identity": HeaderIdentity()})
+    async with gateway.client.get("/api/x") as response:
+        assert response.headers["RateLimit-Policy"] == '"default";q=10;w=60'
+        assert response.headers["RateLimit"] == '"default";r=9;t=6'
+        assert response.headers["X-RateLimit-Limit"] == "10"
+        assert response.headers["X-RateLimit-Remaining"] == "9"
+        assert response.headers["X-RateLimit-Reset"] == "6"
+
+
+async def test_sliding_window_never_admits_more_than_the_limit_in_a_window(plugway_gateway, upstream):
+    gateway = await plugway_gateway(config(upstream, 'limit = "5/h"\nalgorithm = "sliding_window"'),
+                                    plugins={"identity": HeaderIdentity()})
+    results = await statuses(gateway, 12)
+    assert results == [200] * 5 + [429] * 7
+
+
+async def test_every_limit_must_pass_and_a_refusal_counts_against_none(plugway_gateway, upstream):
+    plugin = """
+        [[plugins.ratelimit.limits]]
+        name = "per_consumer"
+        key = "consumer"
+        rate = "2/h"
+        [[plugins.ratelimit.limits]]
+        name = "global"
+        key = "global"
+        rate = "5/h"
+    """
+    gateway = await plugway_gateway(config(upstream, plugin), plugins={"identity": HeaderIdentity()})
+    alice, bob, carol = ({"X-Test-User": name} for name in ("alice", "bob", "carol"))
+    assert await statuses(gateway, 4, headers=alice) == [200, 200, 429, 429]  # alice's refusals cost global nothing
+    assert await statuses(gateway, 2, headers=bob) == [200, 200]
+    assert await statuses(gateway, 2, headers=carol) == [200, 429]  # the 5th global token is the last
+    async with gateway.client.get("/api/x", headers=carol) as response:
+        assert response.status == 429
+        assert '"global";q=5;w=3600' in response.headers["RateLimit-Policy"]
+
+
+async def test_tiers_by_role_and_exempt_roles(plugway_gateway, upstream):
+    plugin = """
+        [[plugins.ratelimit.limits]]
+        key = "consumer"
+        rate = "3/h"
+        tiers = { anonymous = "1/h", premium = "6/h" }
+        exempt = ["admin"]
+    """
+    gateway = await plugway_gateway(config(upstream, plugin), plugins={"identity": HeaderIdentity()})
+    assert await statuses(gateway, 2) == [200, 429]
+    assert await statuses(gateway, 4, headers={"X-Test-User": "u"}) == [200, 200, 200, 429]
+    assert await statuses(gateway, 7, headers={"X-Test-User": "p", "X-Test-Roles": "premium"}) == [200] * 6 + [429]
+    assert await statuses(gateway, 10, headers={"X-Test-User": "root", "X-Test-Roles": "admin"}) == [200] * 10
+
+
+async def test_a_spoofed_x_forwarded_for_cannot_rotate_the_key(plugway_gateway, upstream):
+    plugin = '[[plugins.ratelimit.limits]]\nkey = "ip"\nrate = "3/h"\n'
+    gateway = await plugway_gateway(config(upstream, plugin), plugins={"identity": HeaderIdentity()})
+    results = []
+    for i in range(5):
+        results += await statuses(gateway, 1, headers={"X-Forwarded-For": f"10.0.0.{i}", "X-Real-IP": f"10.1.0.{i}"})
+    assert results == [200, 200, 200, 429, 429]
+
+
+async def test_path_variants_and_head_share_the_routes_limit(plugway_gateway, upstream):
+    gateway = await plugway_gateway(config(upstream, 'limit = "4/h"'), plugins={"identity": HeaderIdentity()})
+    results = []
+    for path, method in (("/api/x", "GET"), ("/api//x", "GET"), ("/api/%78", "HEAD"), ("/api/./y/../x", "GET"),
+                         ("/api/x?cache-buster=1", "GET")):
+        results += await statuses(gateway, 1, path=path, method=method)
+    assert results == [200, 200, 200, 200, 429]
+    assert (await statuses(gateway, 1, path="/API/x"))[0] == 404  # another path entirely, no route
+
+
+async def test_a_route_can_turn_the_limit_off_or_set_its_own(plugway_gateway, upstream):
+    routes = """
+        [[routes]]
+        name = "open"
+        prefix = "/open"
+        upstream = "app"
+        [routes.plugins.ratelimit]
+        enabled = false
+        [[routes]]
+        name = "strict"
+        prefix = "/strict"
+        upstream = "app"
+        [routes.plugins.ratelimit]
+        limit = "1/h"
+    """
+    gateway = await plugway_gateway(config(upstream, 'limit = "3/h"', routes=routes),
+                                    plugins={"identity": HeaderIdentity()})
+    assert await statuses(gateway, 5, path="/open/x") == [200] * 5
+    assert await statuses(gateway, 2, path="/strict/x") == [200, 429]
+    assert await statuses(gateway, 4, path="/api/x") == [200, 200, 200, 429]
+
+
+async def test_metrics_count_allowed_and_limited(plugway_gateway, upstream):
+    gateway = await plugway_gateway(config(upstream, 'limit = "1/h"'), plugins={"identity": HeaderIdentity()})
+    await statuses(gateway, 3)
+    text = gateway.gateway.metrics.exposition().decode()
+    assert 'plugway_ratelimit_requests_total{limit="default",result="allowed",route="api"} 1.0' in text
+    assert 'plugway_ratelimit_requests_total{limit="default",result="limited",route="api"} 2.0' in text
+    assert 'plugway_ratelimit_store_seconds_count{backend="local"} 3.0' in text
+
+
+@pytest.mark.parametrize("policy, status", [("fail_open", 200), ("fail_closed", 503), ("local", 200)])
+async def test_store_failure_follows_the_policy(plugway_gateway, upstream, policy, status):
+    """An unreachable Redis (a port nobody listens on) with each policy."""
+    from gateway.testing import free_port
+
+    plugin = f'limit = "1/h"\non_store_error = "{policy}"'
+    store = f'\n[store]\nbackend = "redis"\nurl = "redis://127.0.0.1:{free_port()}/0"\ntimeout = "200ms"\n'
+    gateway = await plugway_gateway(config(upstream, plugin) + store, plugins={"identity": HeaderIdentity()})
+    results = await statuses(gateway, 3)
+    expected = {"fail_open": [200, 200, 200], "fail_closed": [503, 503, 503], "local": [200, 429, 429]}[policy]
+    assert results == expected
+    assert results[0] == status
+    text = gateway.gateway.metrics.exposition().decode()
+    assert f'plugway_ratelimit_store_errors_total{{policy="{policy}"}} 3.0' in text
+
+
+def test_settings_are_checked():
+    from gateway import config as gateway_config
+    from gateway.config.schema import ConfigErrors
+    from gateway.plugins import load_plugins
+
+    text = config("http://127.0.0.1:9", 'limit = "lots"\nalgorithm = "leaky"\n').replace("[plugins.identity]\n", "")
+    with pytest.raises(ConfigErrors) as caught:
+        load_plugins(gateway_config.loads(text))
+    messages = [str(e) for e in caught.value.errors]
+    assert any(m.startswith("plugins.ratelimit.limit: 'lots' is not a rate") for m in messages)
+    assert any(m.startswith("plugins.ratelimit.algorithm: must be one of") for m in messages)
