@@ -34,17 +34,23 @@ class RequestContext:
     - ``route``: the matched ``Route``; ``upstream`` and ``target`` once chosen.
     - ``client_ip``: the client address, derived through ``trusted_proxies``;
       ``peer_ip``: the address of the socket peer.
+    - ``scheme``: "https" or "http" as the client used it: the listener's, or what a
+      trusted proxy said in ``X-Forwarded-Proto``; ``listener_scheme``: this hop's.
     - ``request_id``: sent upstream and back to the client.
     - ``consumer``: set by an auth plugin (writable), or None.
     - ``version``: the API version a versioning plugin chose (writable), or None.
     - ``state``: a dict for plugins to share per-request data (writable);
       key it by your plugin's name.
     - ``log``: extra fields for the access log line (writable).
+
+    ``body_chunks()`` and ``read_body()`` read the client's body within the gateway's
+    size and time limits (see ``gateway.proxy.body_chunks``).
     """
 
     __slots__ = (
         "request", "gateway", "method", "host", "path", "query", "path_params", "route", "upstream", "target",
-        "client_ip", "peer_ip", "peer_trusted", "scheme", "request_id", "consumer", "version", "state", "log", "started",
+        "client_ip", "peer_ip", "peer_trusted", "scheme", "listener_scheme", "request_id", "consumer", "version", "state",
+        "log", "started", "method_refusal",
         "status", "bytes_in", "bytes_out", "upstream_seconds", "error",
     )
 
@@ -64,6 +70,8 @@ class RequestContext:
         self.peer_ip = ""
         self.peer_trusted = False
         self.scheme = "http"
+        self.listener_scheme = "http"
+        self.method_refusal: Exception | None = None
         self.request_id = ""
         self.consumer: Consumer | None = None
         self.version: str | None = None
@@ -74,3 +82,13 @@ class RequestContext:
         self.bytes_out = 0
         self.upstream_seconds: float | None = None
         self.error: Exception | None = None
+
+    def body_chunks(self, limit: int | None = None):
+        from .proxy import body_chunks
+
+        return body_chunks(self, limit)
+
+    async def read_body(self, limit: int | None = None) -> bytes:
+        from .proxy import read_body
+
+        return await read_body(self, limit)

@@ -53,10 +53,14 @@ class RouteNotFound(GatewayError):
 
 
 class MethodNotAllowed(GatewayError):
+    """``route`` and ``params``: the route the path matched, when one did (for CORS preflights)."""
+
     status, code = 405, "method_not_allowed"
 
-    def __init__(self, allowed: list[str]) -> None:
+    def __init__(self, allowed: list[str], route: object = None, params: dict[str, str] | None = None) -> None:
         super().__init__(f"allowed methods: {', '.join(allowed)}", headers=[("Allow", ", ".join(allowed))])
+        self.route = route
+        self.params = params or {}
 
 
 class RequestTimeout(GatewayError):

@@ -70,3 +70,11 @@ class HeaderBlock:
             return "".join(parts).encode("latin-1")
         except UnicodeEncodeError:
             raise HeaderInjection("refusing to send a header value that is not latin-1") from None
+
+
+def add_vary(headers: CIMultiDict[str], name: str) -> None:
+    """Add ``name`` to a response's ``Vary`` (folding repeated lines into one), unless it or ``*`` is there."""
+    existing = [value for value in headers.getall("Vary", ()) if value.strip()]
+    listed = {token.strip().lower() for value in existing for token in value.split(",")}
+    if name.lower() not in listed and "*" not in listed:
+        headers["Vary"] = ", ".join([*existing, name])

@@ -104,6 +104,8 @@ class _ResponseBody:
 class Response(_ResponseBody):
     """A complete answer from the gateway itself."""
 
+    status_reason = b""
+
     __slots__ = ("status", "reason", "header_block", "_body", "_wrappers", "length_changed")
 
     def __init__(
@@ -153,6 +155,19 @@ class UpstreamResponse(_ResponseBody):
         if self._body is None and not self._wrappers and self.exchange.complete and self.exchange.error is None:
             self._body = self.exchange.take_buffered()
         return super().body_in_memory()
+
+    @property
+    def content_length(self) -> int | None:
+        """The body's length when the upstream declared it and no plugin changed the body, else None."""
+        declared = self.exchange.content_length
+        if self.length_changed or declared is None:
+            return None
+        return int(declared)
+
+    @property
+    def status_reason(self) -> bytes:
+        """The upstream's reason phrase, or none if a plugin changed the status (the phrase was the old one's)."""
+        return self.reason if self.status == self.exchange.status else b""
 
     def _stream(self) -> AsyncIterator[bytes]:
         return self.exchange.iter_body()

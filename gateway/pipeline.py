@@ -33,6 +33,8 @@ async def run(ctx: RequestContext) -> Response | UpstreamResponse:
         return await proxy.send(ctx, outgoing_request(ctx), ctx.upstream)
     try:
         response, depth = await _request_phase(ctx, chain)
+        if response is None and ctx.method_refusal is not None:
+            raise ctx.method_refusal  # an OPTIONS request no plugin answered, on a route without OPTIONS
         if response is None:
             _answer_expect(ctx)
             response = await _upstream_phase(ctx, chain)
@@ -61,7 +63,7 @@ def outgoing_request(ctx: RequestContext) -> OutgoingRequest:
         raw, gateway.dropped_request_headers, keep_underscored=gateway.settings.server.underscores_in_headers,
     )
     headers += forwarding_headers(
-        raw, trusted=ctx.peer_trusted, peer=ctx.peer_ip, scheme=ctx.scheme, host=ctx.request.headers.get("Host"),
+        raw, trusted=ctx.peer_trusted, peer=ctx.peer_ip, scheme=ctx.listener_scheme, host=ctx.request.headers.get("Host"),
     )
     headers.append((gateway.request_id_header, ctx.request_id.encode()))
     return OutgoingRequest(ctx.method, ctx.route.upstream_path(ctx.path), ctx.query, headers)

@@ -241,6 +241,26 @@ def _import(
 
 
 def _configure(plugin: LoadedPlugin, settings: GatewaySettings, errors: list[ConfigError]) -> None:
+    before = len(errors)
+    _configure_tables(plugin, settings, errors)
+    if len(errors) == before:
+        _check_against_core(plugin, settings, errors)
+
+
+def _check_against_core(plugin: LoadedPlugin, settings: GatewaySettings, errors: list[ConfigError]) -> None:
+    """A settings class may check references into the core configuration (upstream names...)
+    with ``validate_with(gateway_settings)``, yielding (key, reason) like ``validate``."""
+    tables = [(join_path("plugins", plugin.name), plugin.global_settings)] if plugin.enabled_globally else []
+    for index, route in enumerate(settings.routes):
+        if plugin.name in route.plugins and route.name in plugin.route_settings:
+            tables.append((join_path(f"routes[{index}].plugins", plugin.name), plugin.route_settings[route.name]))
+    for path, parsed in tables:
+        check = getattr(parsed, "validate_with", None)
+        if check is not None:
+            errors.extend(ConfigError(f"{path}.{key}" if key else path, reason) for key, reason in check(settings))
+
+
+def _configure_tables(plugin: LoadedPlugin, settings: GatewaySettings, errors: list[ConfigError]) -> None:
     path = join_path("plugins", plugin.name)
     global_table = settings.plugins.get(plugin.name)
     if global_table is not None:

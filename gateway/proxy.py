@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from .errors import BodyTooLarge, GatewayError, RequestTimeout
@@ -43,14 +44,12 @@ async def send(ctx: RequestContext, outgoing: OutgoingRequest, upstream: Upstrea
             raise BodyTooLarge()
         if length is not None and length <= BUFFER_BODY_UP_TO:
             body = await _read_small_body(ctx, length)
-    if body is not None:
-        ctx.bytes_in = len(body)
     target = upstream.choose(ctx)
     ctx.target = target
     started = time.monotonic()
     target.in_flight += 1
     try:
-        exchange = await _exchange(ctx, outgoing, upstream, target, body, limit)
+        exchange = await _exchange(ctx, outgoing, upstream, target, body)
     except BaseException:
         target.in_flight -= 1
         raise
@@ -66,7 +65,6 @@ def finish(ctx: RequestContext, response: UpstreamResponse) -> None:
 
 async def _exchange(
     ctx: RequestContext, outgoing: OutgoingRequest, upstream: Upstream, target: Target, body: bytes | None,
-    limit: int,
 ) -> Exchange:
     settings = upstream.settings
     head = _request_head(ctx, outgoing, target, body)
@@ -77,7 +75,7 @@ async def _exchange(
             if body is not None or not ctx.request.body_exists:
                 connection.write(head + body if body else head)
             else:
-                await _stream_body(ctx, connection, head, limit, settings.write_timeout)
+                await _stream_body(ctx, connection, head, settings.write_timeout)
             await exchange.head()
             return exchange
         except PrematureClose:
@@ -114,44 +112,53 @@ def _request_head(ctx: RequestContext, outgoing: OutgoingRequest, target: Target
     ))
 
 
-async def _next_chunk(ctx: RequestContext) -> bytes:
-    """The next part of the client's body (b"" at its end); 408 if it stops arriving."""
-    try:
-        async with asyncio.timeout(ctx.gateway.settings.server.client_body_timeout):
-            return await ctx.request.content.readany()
-    except TimeoutError:
-        raise RequestTimeout() from None
+async def body_chunks(ctx: RequestContext, limit: int | None = None) -> AsyncIterator[bytes]:
+    """The client's body as it arrives, within the gateway's limits.
+
+    Raises ``RequestTimeout`` (408) when it stops arriving for ``client_body_timeout``, and
+    ``BodyTooLarge`` (413) past ``limit`` bytes (``client_max_body`` when not given). It
+    counts ``ctx.bytes_in``. The body can be read only once: a plugin that reads it must
+    hand the upstream what it wants sent with ``OutgoingRequest.set_body``.
+    """
+    server = ctx.gateway.settings.server
+    limit = server.client_max_body if limit is None else min(limit, server.client_max_body)
+    content = ctx.request.content
+    while True:
+        try:
+            async with asyncio.timeout(server.client_body_timeout):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise RequestTimeout() from None
+        if not chunk:
+            return
+        ctx.bytes_in += len(chunk)
+        if ctx.bytes_in > limit:
+            raise BodyTooLarge()
+        yield chunk
+
+
+async def read_body(ctx: RequestContext, limit: int | None = None) -> bytes:
+    """The whole client body in memory, within ``limit`` (see ``body_chunks``)."""
+    return b"".join([chunk async for chunk in body_chunks(ctx, limit)])
 
 
 async def _read_small_body(ctx: RequestContext, length: int) -> bytes:
-    chunks, received = [], 0
-    while received < length:
-        chunk = await _next_chunk(ctx)
-        if not chunk:
-            raise asyncio.IncompleteReadError(b"".join(chunks), length)
-        chunks.append(chunk)
-        received += len(chunk)
-    return b"".join(chunks)
+    body = await read_body(ctx)
+    if len(body) != length:
+        raise asyncio.IncompleteReadError(body, length)
+    return body
 
 
 async def _stream_body(
-    ctx: RequestContext, connection: UpstreamConnection, head: bytes, limit: int, write_timeout: float,
+    ctx: RequestContext, connection: UpstreamConnection, head: bytes, write_timeout: float,
 ) -> None:
     chunked = ctx.request.content_length is None
     pending = head
-    total = 0
-    while True:
-        chunk = await _next_chunk(ctx)
-        if not chunk:
-            break
-        total += len(chunk)
-        if total > limit:
-            raise BodyTooLarge()
+    async for chunk in body_chunks(ctx):
         frame = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
         connection.write(pending + frame if pending else frame)
         pending = b""
         await connection.drain(write_timeout)
-    ctx.bytes_in = total
     end = b"0\r\n\r\n" if chunked else b""
     if pending or end:
         connection.write(pending + end)

@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 @dataclass(eq=False)
 class Route:
     """One route as the worker uses it: settings plus what was compiled from them
-    (the path matcher, its plugin chain and its upstream)."""
+    (the path matcher, its plugin chain and its upstream).
+
+    Plugins may read ``name``, ``settings``, ``prefix`` (the canonical prefix of a prefix
+    route, without a trailing slash; None for a template route) and ``upstream``.
+    """
 
     settings: RouteSettings
     index: int
@@ -116,6 +120,7 @@ class Router:
 
     def match(self, host: str, path: str, method: str) -> tuple[Route, dict[str, str]]:
         allowed: set[str] = set()
+        first: tuple[Route, dict[str, str]] | None = None
         for route in self.routes:
             if not route.match_host(host):
                 continue
@@ -125,10 +130,11 @@ class Router:
             if not route.methods or method in route.methods or method == "HEAD" and "GET" in route.methods:
                 return route, params
             allowed |= route.methods
-        if allowed:
+            first = first or (route, params)
+        if first is not None:
             if "GET" in allowed:
                 allowed.add("HEAD")
-            raise MethodNotAllowed(sorted(allowed))
+            raise MethodNotAllowed(sorted(allowed), *first)
         raise RouteNotFound()
 
 

@@ -26,7 +26,8 @@ from aiohttp.web_protocol import RequestPayloadError
 from . import pipeline, proxy
 from .context import RequestContext
 from .errors import (
-    BadRequest, BadRequestPath, ClientClosedRequest, GatewayError, HeadersTooLarge, RequestTimeout, UriTooLong,
+    BadRequest, BadRequestPath, ClientClosedRequest, GatewayError, HeadersTooLarge, MethodNotAllowed, RequestTimeout,
+    UriTooLong,
 )
 from .forwarding import request_id
 from .headers import HeaderInjection
@@ -230,7 +231,7 @@ class ListenerServer(web_server.Server):
         gateway = self.gateway
         started = time.monotonic()
         ctx = RequestContext(request, gateway, started)
-        ctx.scheme = self.scheme
+        ctx.scheme = ctx.listener_scheme = self.scheme
         request.protocol.requests_served += 1
         gateway.in_flight += 1
         response: Response | UpstreamResponse | None = None
@@ -272,6 +273,10 @@ def _identify(ctx: RequestContext, gateway: Gateway) -> None:
     headers = ctx.request.headers
     ctx.client_ip = gateway.trusted_proxies.client_address(address, headers.get("X-Forwarded-For")) if trusted else address
     ctx.request_id = request_id(headers.get(gateway.request_id_header_name), trusted)
+    if trusted:
+        proto = headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
+        if proto in ("http", "https"):
+            ctx.scheme = proto
 
 
 def _admit(ctx: RequestContext, gateway: Gateway) -> None:
@@ -287,6 +292,11 @@ def _admit(ctx: RequestContext, gateway: Gateway) -> None:
         ctx.route, ctx.path_params = gateway.router.match(ctx.host, ctx.path, ctx.method)
     except BadPath as refusal:
         _admit_lenient(ctx, gateway, path, refusal)
+    except MethodNotAllowed as refusal:
+        if ctx.method != "OPTIONS" or not refusal.route.chain:
+            raise
+        # The route does not serve OPTIONS, but its plugins may answer a CORS preflight.
+        ctx.route, ctx.path_params, ctx.method_refusal = refusal.route, refusal.params, refusal
     route = ctx.route.settings
     if request.body_exists and ctx.method in _NO_BODY_METHODS and ctx.method not in route.allow_body_on:
         raise BadFraming(f"a {ctx.method} request must not have a body on this route")
@@ -327,9 +337,7 @@ async def _write(ctx: RequestContext, response: Response | UpstreamResponse) -> 
         raise GatewayError() from exc
     bodiless = status in _NO_BODY_STATUSES or status < 200
     body = None if bodiless else response.body_in_memory()
-    keeps_upstream_length = (
-        from_upstream and not response.length_changed and response.exchange.content_length is not None
-    )
+    keeps_upstream_length = from_upstream and response.content_length is not None
     framing = b""
     chunked = False
     if bodiless or keeps_upstream_length or ctx.method == "HEAD" and from_upstream:
@@ -342,7 +350,7 @@ async def _write(ctx: RequestContext, response: Response | UpstreamResponse) -> 
     else:
         keep_alive = False
     head = b"".join((
-        _status_line(status, response.reason), headers, gateway.request_id_header, b": ",
+        _status_line(status, response.status_reason), headers, gateway.request_id_header, b": ",
         ctx.request_id.encode(), b"\r\n", framing, b"" if keep_alive else b"Connection: close\r\n", b"\r\n",
     ))
     writer = request.writer
@@ -360,6 +368,8 @@ async def _stream(ctx: RequestContext, writer: Any, head: bytes, response: Any, 
     await writer.write(head)
     try:
         async for chunk in response.iter_body():
+            if not chunk:
+                continue  # an empty chunk would end a chunked body
             ctx.bytes_out += len(chunk)
             await writer.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
     except GatewayError as error:

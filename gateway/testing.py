@@ -78,6 +78,11 @@ class RunningGateway:
     def gateway(self) -> Gateway:
         return self.worker.gateway
 
+    def metric(self, name: str, **labels: str) -> float:
+        """The current value of one metric sample (0.0 if it was never set), for assertions."""
+        value = self.gateway.metrics.registry.get_sample_value(name, labels)
+        return 0.0 if value is None else value
+
     async def stop(self) -> None:
         await self.client.close()
         self.worker.stop()

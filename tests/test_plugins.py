@@ -307,3 +307,79 @@ def test_the_hook_specifications_are_each_documented_and_implemented_by_the_samp
         assert "Example:" in doc, name
         assert hasattr(plugway_sample, name), name
     assert GatewayError.__doc__
+
+
+class StatusAndEmptyChunks:
+    """Changes the status and wraps the body with a stream that yields empty chunks."""
+
+    @hookimpl
+    def declare_plugin(self):
+        return PluginDeclaration()
+
+    @hookimpl
+    def on_response(self, response):
+        response.status = 201
+
+        async def with_empty_chunks(stream):
+            async for chunk in stream:
+                yield b""
+                yield chunk
+                yield b""
+
+        response.wrap_body(with_empty_chunks)
+
+
+async def test_a_changed_status_gets_its_own_reason_and_empty_chunks_do_not_end_the_body(
+    plugway_gateway, raw_upstream,
+):
+    from conftest import http_response, raw_exchange
+
+    upstream = await raw_upstream(lambda request: http_response(200, b"whole body"))
+    gateway = await plugway_gateway(route_config(upstream.url, extra="[plugins.change]\n"),
+                                    plugins={"change": StatusAndEmptyChunks()})
+    answer = await raw_exchange(gateway.port, b"GET /api/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 201 Created\r\n")  # not the upstream's "200 X" phrase
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert b"Transfer-Encoding: chunked" in head
+    assert body == b"a\r\nwhole body\r\n0\r\n\r\n"
+
+
+async def test_options_on_a_route_without_options_reaches_plugins_then_405(plugway_gateway, aiohttp_raw_server):
+    class AnswersPreflights:
+        @hookimpl
+        def declare_plugin(self):
+            return PluginDeclaration(priority=2000)
+
+        @hookimpl
+        def on_request(self, ctx):
+            if ctx.method == "OPTIONS" and "Access-Control-Request-Method" in ctx.request.headers:
+                return Response(204)
+
+    url, seen = await upstream_url(aiohttp_raw_server)
+    config = route_config(url, route='methods = ["GET"]', extra="[plugins.preflight]\n")
+    gateway = await plugway_gateway(config, plugins={"preflight": AnswersPreflights()})
+    async with gateway.client.options("/api/x", headers={"Access-Control-Request-Method": "GET",
+                                                          "Origin": "https://a.example"}) as response:
+        assert response.status == 204
+    async with gateway.client.options("/api/x") as response:
+        assert response.status == 405
+        assert response.headers["Allow"] == "GET, HEAD"
+    assert seen == []
+
+
+async def test_a_trusted_proxy_sets_the_scheme_plugins_see(plugway_gateway, aiohttp_raw_server):
+    class RecordsScheme:
+        @hookimpl
+        def declare_plugin(self):
+            return PluginDeclaration()
+
+        @hookimpl
+        def on_response(self, ctx, response):
+            response.headers["X-Scheme"] = ctx.scheme
+
+    url, seen = await upstream_url(aiohttp_raw_server)
+    for trusted, expected in (('["127.0.0.1/32"]', "https"), ("[]", "http")):
+        config = route_config(url, server=f"trusted_proxies = {trusted}", extra="[plugins.scheme]\n")
+        gateway = await plugway_gateway(config, plugins={"scheme": RecordsScheme()})
+        async with gateway.client.get("/api/x", headers={"X-Forwarded-Proto": "https"}) as response:
+            assert response.headers["X-Scheme"] == expected
