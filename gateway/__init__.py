@@ -7,7 +7,7 @@ request context and ``Consumer``, and the errors to raise.
 """
 
 from .config.schema import setting
-from .config.units import Duration, Rate, Size
+from .config.units import Duration, Rate, Secret, Size
 from .context import Consumer, RequestContext
 from .errors import GatewayError
 from .hookspecs import hookimpl
@@ -18,5 +18,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Consumer", "Duration", "GatewayError", "OutgoingRequest", "PluginDeclaration", "Rate", "RequestContext",
-    "Response", "Size", "UpstreamResponse", "hookimpl", "setting",
+    "Response", "Secret", "Size", "UpstreamResponse", "hookimpl", "setting",
 ]

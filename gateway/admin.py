@@ -100,7 +100,7 @@ def admin_token(token_env: str | None) -> str | None:
 
 
 def admin_app(gateway: Gateway) -> web.Application:
-    app = web.Application()
+    app = web.Application(client_max_size=1 << 20)
     app[GATEWAY_KEY] = gateway
     app[TOKEN_KEY] = admin_token(gateway.settings.admin.token_env)
     app.router.add_get("/health", health)
@@ -108,7 +108,20 @@ def admin_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
     app.router.add_post("/reload", reload)
+    for routes in gateway.plugins.lifecycle("admin_routes"):
+        for method, path, handler in routes(gateway=gateway) or ():
+            app.router.add_route(method, path, _authorized(handler))
     return app
+
+
+def _authorized(handler):
+    """Plugin endpoints change state: the admin token is required (when one is configured)."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        _authorize(request)
+        return await handler(request)
+
+    return guarded
 
 
 async def start_admin(gateway: Gateway, sock: socket.socket) -> web.AppRunner:

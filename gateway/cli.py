@@ -8,6 +8,7 @@
     plugway config show [-c FILE]  print the effective configuration, defaults filled in
     plugway init     [-o FILE]     write a commented starter configuration
     plugway plugins  [-c FILE]     list installed plugins and where they are enabled
+    plugway <other>                subcommands added by installed plugins (cli_commands hook)
 
 The configuration file is ``-c FILE``, else ``$PLUGWAY_CONFIG``, else
 ``/etc/plugway/plugway.toml``. Exit status 2 means the configuration is invalid.
@@ -25,15 +26,18 @@ from pathlib import Path
 from . import config
 from .config.schema import ConfigErrors
 from .config.starter import starter_config
-from .plugins import describe_installed, load_plugins
+from .plugins import add_plugin_commands, describe_installed, load_plugins
 
 DEFAULT_CONFIG = "/etc/plugway/plugway.toml"
 EXIT_CONFIG_INVALID = 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser, commands = _parser()
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments and not arguments[0].startswith("-") and arguments[0] not in commands.choices:
+        add_plugin_commands(commands)  # only then: the supervisor (plugway run) must import no plugin
+    args = parser.parse_args(arguments)
     if not hasattr(args, "command"):
         parser.print_help()
         return 1
@@ -46,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_INVALID
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     parser = argparse.ArgumentParser(prog="plugway", description="Plugway API gateway")
     commands = parser.add_subparsers(metavar="COMMAND")
     default_config = os.environ.get("PLUGWAY_CONFIG", DEFAULT_CONFIG)
@@ -73,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     init = command("init", init_config, "write a commented starter configuration", with_config=False)
     init.add_argument("-o", "--output", help="file to write (default: standard output)")
     command("plugins", list_plugins, "list installed plugins, their version, priority and where they are enabled")
-    return parser
+    return parser, commands
 
 
 def _load(args: argparse.Namespace):

@@ -116,6 +116,41 @@ def worker_stopping(gateway: Gateway) -> None | Awaitable[None]:
     """
 
 
+@hookspec
+def admin_routes(gateway: Gateway) -> list[tuple[str, str, Any]]:
+    """Add endpoints to the admin API (revoking tokens, purging a cache...).
+
+    Called once per worker, when the admin listener starts (after ``worker_started``).
+
+    :param gateway: the worker's ``Gateway``.
+
+    Return a list of ``(method, path, handler)``: ``handler`` is an aiohttp handler
+    (``async def handler(request) -> web.Response``) and ``path`` should start with
+    ``/<plugin name>/``. Every plugin endpoint requires the admin bearer token when
+    ``admin.token_env`` is set. In cluster mode any worker may answer a call, so an
+    endpoint that changes state must change it in ``gateway.store``. Must not be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+@hookspec
+def cli_commands(commands: Any) -> None:
+    """Add subcommands to the ``plugway`` command (``plugway apikey new``...).
+
+    Called when ``plugway`` is run with a subcommand the core does not have, with every
+    installed plugin loaded (so never in the supervisor, which imports no plugin).
+
+    :param commands: the ``argparse`` subparsers object; add a parser with
+        ``commands.add_parser(name, help=...)`` and give it
+        ``set_defaults(command=function)``, where ``function(args)`` returns the exit status.
+
+    The return value is ignored. Must not be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
 # --- The request --------------------------------------------------------------------------------
 
 

@@ -111,9 +111,9 @@ class PluginSet:
         )
 
     def lifecycle(self, hook: str) -> list[Callable]:
-        """The ``worker_started`` / ``worker_stopping`` callables, in the order to call them."""
+        """The ``worker_started`` / ``worker_stopping`` / ``admin_routes`` callables, in calling order."""
         calls = [impl.function for plugin in self.plugins if (impl := self._impl(hook, plugin.name))]
-        return calls if hook == "worker_started" else calls[::-1]
+        return calls[::-1] if hook == "worker_stopping" else calls
 
     def rendered(self, settings: GatewaySettings) -> dict[str, Any]:
         """Effective plugin settings, global and per route, for ``plugway config show``."""
@@ -326,6 +326,17 @@ def _thaw(value: Any) -> Any:
     if isinstance(value, tuple):
         return [_thaw(item) for item in value]
     return value
+
+
+def add_plugin_commands(commands: Any) -> None:
+    """Let every installed plugin add its subcommands to ``plugway`` (see the cli_commands hook)."""
+    manager = new_manager()
+    for name, entry in installed_plugins().items():
+        try:
+            manager.register(entry.load(), name=name)
+        except (ImportError, pluggy.PluginValidationError, ValueError):
+            continue  # a broken plugin must not break the plugway command; `plugway check` reports it
+    manager.hook.cli_commands(commands=commands)
 
 
 def describe_installed() -> Iterable[tuple[str, str, str]]:

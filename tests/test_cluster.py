@@ -16,9 +16,15 @@ from load import constant_load
 
 
 @pytest.fixture
-async def upstream_url(aiohttp_raw_server):
+def slow_started():
+    return asyncio.Event()
+
+
+@pytest.fixture
+async def upstream_url(aiohttp_raw_server, slow_started):
     async def handler(request):
         if request.path == "/slow":
+            slow_started.set()
             await asyncio.sleep(1.5)
         return web.Response(text=f"path={request.path}")
 
@@ -41,7 +47,8 @@ async def test_starts_the_configured_number_of_workers_each_on_its_own_socket(pl
     assert status["supervisor_pid"] == gateway.process.pid and status["generation"] == 1
     for _ in range(60):  # new connections spread over the workers' reuseport sockets
         assert (await get(gateway.port, "/api/x"))[0] == 200
-    await asyncio.sleep(1.2)  # let a heartbeat carry the counts
+    # heartbeats carry the counts to the status file
+    wait_until(lambda: sum(w["requests"] for w in gateway.status()["workers"]) == 60, timeout=15)
     assert sum(1 for w in gateway.status()["workers"] if w["requests"] > 0) >= 2
 
 
@@ -129,22 +136,22 @@ async def test_a_stuck_worker_is_killed_and_replaced(plugway_process, upstream_u
     assert (await get(gateway.port, "/api/x"))[0] == 200
 
 
-async def test_term_lets_a_slow_in_flight_request_finish(plugway_process, upstream_url):
+async def test_term_lets_a_slow_in_flight_request_finish(plugway_process, upstream_url, slow_started):
     gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
     gateway.wait_for_workers(2)
     slow = asyncio.create_task(get(gateway.port, "/api/slow"))
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(slow_started.wait(), 10)
     gateway.signal(signal.SIGTERM)
     assert await slow == (200, "path=/slow")
     assert await asyncio.to_thread(gateway.wait) == 0
     assert not (gateway.runtime_dir / "plugway.pid").exists()
 
 
-async def test_quit_stops_at_once(plugway_process, upstream_url):
+async def test_quit_stops_at_once(plugway_process, upstream_url, slow_started):
     gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
     gateway.wait_for_workers(2)
     slow = asyncio.create_task(get(gateway.port, "/api/slow"))
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(slow_started.wait(), 10)
     gateway.signal(signal.SIGQUIT)
     assert await asyncio.to_thread(gateway.wait) == 0
     with pytest.raises(aiohttp.ClientError):

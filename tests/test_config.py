@@ -175,3 +175,30 @@ def test_init_writes_a_commented_config_that_passes_check(tmp_path):
 def test_every_shipped_config_passes_check(path: Path):
     result = subprocess.run([PLUGWAY, "check", "-c", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_secrets_come_from_the_environment_or_a_file_and_never_show(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+
+    from gateway import Secret, setting
+    from gateway.config.schema import ConfigError, parse_settings, render_settings
+
+    @dataclass(frozen=True)
+    class WithSecret:
+        key: Secret = setting(doc="a secret")
+
+    monkeypatch.setenv("PLUGWAY_TEST_SECRET", "s3cret")
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    errors: list[ConfigError] = []
+    from_env = parse_settings(WithSecret, {"key": {"env": "PLUGWAY_TEST_SECRET"}}, "plugins.x", errors)
+    from_file = parse_settings(WithSecret, {"key": {"file": str(key_file)}}, "plugins.x", errors)
+    assert errors == []
+    assert (from_env.key.value, from_file.key.value) == ("s3cret", "from-file")
+    assert render_settings(from_env) == {"key": {"env": "PLUGWAY_TEST_SECRET"}}
+    assert "s3cret" not in repr(from_env)
+    for raw, reason in (("inline", "secrets never go in the file"), ({"env": "PLUGWAY_UNSET_VARIABLE"}, "is not set"),
+                        ({"file": str(tmp_path / "missing")}, "cannot read")):
+        errors = []
+        parse_settings(WithSecret, {"key": raw}, "plugins.x", errors)
+        assert len(errors) == 1 and errors[0].path == "plugins.x.key" and reason in errors[0].reason

@@ -3,7 +3,7 @@
 import asyncio
 import time
 
-from conftest import http_response, raw_exchange, route_config
+from conftest import async_wait_until, http_response, raw_exchange, route_config
 
 
 async def read_all(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
@@ -93,7 +93,7 @@ async def test_connection_caps_per_address_and_per_worker(plugway_gateway, raw_u
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port, local_addr=("127.0.0.3", 0))
     assert (await read_all(reader)).startswith(b"HTTP/1.1 503")
     held[1][1].close()
-    await asyncio.sleep(0.2)
+    await async_wait_until(lambda: gateway.gateway.connections_by_ip.get("127.0.0.1") == 2)
     answer = await raw_exchange(gateway.port, b"GET /api/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200")
     for _, writer in held:

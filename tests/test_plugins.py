@@ -298,8 +298,8 @@ def test_the_hook_specifications_are_each_documented_and_implemented_by_the_samp
     from gateway import hookspecs
 
     hooks = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "plugway_spec")]
-    assert set(hooks) == {"declare_plugin", "worker_started", "worker_stopping", "on_request", "before_upstream",
-                          "on_error", "on_response", "after_response"}
+    assert set(hooks) == {"declare_plugin", "worker_started", "worker_stopping", "admin_routes", "cli_commands",
+                          "on_request", "before_upstream", "on_error", "on_response", "after_response"}
     for name in hooks:
         doc = textwrap.dedent(getattr(hookspecs, name).__doc__)
         assert "Called" in doc, name
@@ -383,3 +383,25 @@ async def test_a_trusted_proxy_sets_the_scheme_plugins_see(plugway_gateway, aioh
         gateway = await plugway_gateway(config, plugins={"scheme": RecordsScheme()})
         async with gateway.client.get("/api/x", headers={"X-Forwarded-Proto": "https"}) as response:
             assert response.headers["X-Scheme"] == expected
+
+
+async def test_plugins_add_admin_endpoints_behind_the_admin_token(plugway_gateway, aiohttp_raw_server, monkeypatch):
+    import aiohttp
+
+    monkeypatch.setenv("SAMPLE_ADMIN_TOKEN", "t" * 20)
+    url, _ = await upstream_url(aiohttp_raw_server)
+    config = route_config(url, extra='[plugins.sample]\n[admin]\ntoken_env = "SAMPLE_ADMIN_TOKEN"\n')
+    gateway = await plugway_gateway(config)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gateway.admin_url + "/sample/counter") as response:
+            assert response.status == 401
+        for expected in (1, 2):
+            async with session.post(gateway.admin_url + "/sample/counter",
+                                    headers={"Authorization": "Bearer " + "t" * 20}) as response:
+                assert (await response.json()) == {"calls": expected}
+
+
+def test_plugins_add_subcommands_to_plugway():
+    result = subprocess.run([PLUGWAY, "sample-hello", "ops"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout == "hello, ops\n"
+    assert "sample-hello" not in subprocess.run([PLUGWAY, "--help"], capture_output=True, text=True).stdout

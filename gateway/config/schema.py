@@ -3,7 +3,7 @@
 A settings class is a ``@dataclass(frozen=True)`` whose fields are declared
 with :func:`setting`; the field's type annotation says how the TOML value is
 read. Supported types: ``str``, ``int``, ``float``, ``bool``, ``Duration``,
-``Size``, ``Rate``, ``Literal[...]``, ``tuple[T, ...]`` (TOML arrays),
+``Size``, ``Rate``, ``Secret``, ``Literal[...]``, ``tuple[T, ...]`` (TOML arrays),
 ``Mapping[str, T]`` (TOML tables with free keys), nested settings classes,
 ``T | None`` and unions of a scalar with a settings class.
 
@@ -22,7 +22,7 @@ import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
-from .units import Duration, Rate, Size
+from .units import Duration, Rate, Secret, Size
 
 _NO_DEFAULT = dataclasses.MISSING
 
@@ -182,7 +182,7 @@ def _parse_union(kinds: tuple[Any, ...], raw: Any, path: str, errors: list[Confi
 
 
 def _parse_scalar(kind: Any, raw: Any, path: str, errors: list[ConfigError]) -> Any:
-    if kind in (Duration, Size, Rate):
+    if kind in (Duration, Size, Rate, Secret):
         try:
             return kind(raw)
         except (ValueError, TypeError) as exc:
@@ -232,6 +232,8 @@ def render_value(value: Any) -> Any:
         return None
     if dataclasses.is_dataclass(value):
         return render_settings(value)
+    if isinstance(value, Secret):
+        return value.render()
     if isinstance(value, (Duration, Size, Rate)):
         return str(value)
     if isinstance(value, (tuple, list)):

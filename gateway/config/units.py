@@ -7,11 +7,13 @@ parses back to the same configuration.
     Duration("500ms") == 0.5        seconds, a float
     Size("10MiB") == 10485760       bytes, an int
     Rate("100/m") -> 100 per 60 s   count and period
+    Secret({env = "NAME"})          a value read from the environment or a file
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 
 _DURATION_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -119,3 +121,45 @@ class Rate:
         return f"{self.count}/{period[1:] if period.startswith('1') and period[1:].isalpha() else period}"
 
     __repr__ = __str__
+
+
+class Secret:
+    """A secret named in the configuration, never written in it: ``{ env = "NAME" }`` reads
+    an environment variable, ``{ file = "/etc/plugway/key.pem" }`` a file (trailing newline
+    stripped). It is read when the configuration is loaded (so a missing one is a
+    configuration error) and rendered back as where it comes from, never as its value.
+    """
+
+    __slots__ = ("source", "name", "value")
+
+    def __init__(self, table: object) -> None:
+        if not isinstance(table, dict) or len(table) != 1 or next(iter(table)) not in ("env", "file"):
+            raise ValueError('must be { env = "VARIABLE" } or { file = "/path" }: secrets never go in the file itself')
+        self.source, self.name = next(iter(table.items()))
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"the {self.source} name must be a non-empty string")
+        self.value = self._read()
+
+    def _read(self) -> str:
+        if self.source == "env":
+            value = os.environ.get(self.name)
+            if not value:
+                raise ValueError(f"the environment variable {self.name} is not set")
+            return value
+        try:
+            with open(self.name, encoding="utf-8") as file:
+                return file.read().rstrip("\n")
+        except OSError as exc:
+            raise ValueError(f"cannot read {self.name}: {exc.strerror}") from None
+
+    def render(self) -> dict[str, str]:
+        return {self.source: self.name}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and (self.source, self.name) == (other.source, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.source, self.name))
+
+    def __repr__(self) -> str:
+        return f"Secret({self.source}={self.name!r})"

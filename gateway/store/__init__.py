@@ -51,6 +51,17 @@ class Store(Protocol):
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         """Add to a counter (created at 0 with ``ttl``); returns the new value."""
 
+    async def add(self, key: str, value: bytes, ttl: float | None) -> bool:
+        """Set ``key`` only if absent (a lock with an expiry); True if this call set it."""
+
+    async def set_add(self, key: str, *members: str, ttl: float | None = None) -> int:
+        """Add members to a set (created with ``ttl``); returns the set's size."""
+
+    async def set_members(self, key: str) -> list[str]: ...
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key starting with ``prefix`` (an O(keys) scan: for purges, not requests)."""
+
     async def connect(self) -> None:
         """Prepare connections at worker start; failures are left for the first operations."""
 
@@ -79,6 +90,18 @@ class InProcessStore:
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         return self.table.incr(key, amount, ttl)
+
+    async def add(self, key: str, value: bytes, ttl: float | None) -> bool:
+        return self.table.add(key, value, ttl)
+
+    async def set_add(self, key: str, *members: str, ttl: float | None = None) -> int:
+        return self.table.set_add(key, members, ttl)
+
+    async def set_members(self, key: str) -> list[str]:
+        return self.table.set_members(key)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        return self.table.delete_prefix(prefix)
 
     async def connect(self) -> None:
         return None

@@ -42,6 +42,9 @@ class StoreServer:
             "set": self.table.set,
             "delete": self.table.delete,
             "incr": self.table.incr,
+            "add": self.table.add,
+            "set_add": self.table.set_add,
+            "set_members": self.table.set_members,
             "delete_prefix": self.table.delete_prefix,
             "stats": lambda: {"keys": len(self.table), "bytes": self.table.bytes, "evicted": self.table.evicted},
         }
@@ -150,6 +153,15 @@ class LocalStore:
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         return await self._call("incr", key, amount, ttl)
+
+    async def add(self, key: str, value: bytes, ttl: float | None) -> bool:
+        return await self._call("add", key, value, ttl)
+
+    async def set_add(self, key: str, *members: str, ttl: float | None = None) -> int:
+        return await self._call("set_add", key, list(members), ttl)
+
+    async def set_members(self, key: str) -> list[str]:
+        return await self._call("set_members", key)
 
     async def delete_prefix(self, prefix: str) -> int:
         return await self._call("delete_prefix", prefix)

@@ -90,6 +90,25 @@ class MemoryTable:
         self._store(key, value, entry[0] if entry is not None else self._expiry(ttl))
         return value
 
+    def add(self, key: str, value: Any, ttl: float | None) -> bool:
+        """Set ``key`` only if it is absent (a lock, a first writer wins); True if it was set."""
+        if self._live(key) is not None:
+            return False
+        self._store(key, value, self._expiry(ttl))
+        return True
+
+    def set_add(self, key: str, members: Sequence[str], ttl: float | None) -> int:
+        """Add members to the set at ``key`` (created with ``ttl``); returns the set's size."""
+        entry = self._live(key)
+        current = set(entry[1]) if entry is not None and isinstance(entry[1], frozenset) else set()
+        current.update(members)
+        self._store(key, frozenset(current), entry[0] if entry is not None else self._expiry(ttl))
+        return len(current)
+
+    def set_members(self, key: str) -> list[str]:
+        value = self.get(key)
+        return sorted(value) if isinstance(value, frozenset) else []
+
     def delete_prefix(self, prefix: str) -> int:
         return self.delete([key for key in self._data if key.startswith(prefix)])
 
@@ -146,6 +165,8 @@ class MemoryTable:
 
 
 def _size(key: str, value: Any) -> int:
+    if isinstance(value, frozenset):
+        return KEY_OVERHEAD + len(key) + sum(len(member) + 80 for member in value)
     return KEY_OVERHEAD + len(key) + (len(value) if isinstance(value, (bytes, str)) else 0)
 
 

@@ -114,6 +114,17 @@ return value
 """
 
 
+_SET_ADD = """
+local size = redis.call('SADD', KEYS[1], unpack(ARGV, 2))
+if redis.call('PTTL', KEYS[1]) == -1 and tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return redis.call('SCARD', KEYS[1])
+"""
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
+
+
 class RedisStore:
     name = "redis"
 
@@ -126,6 +137,7 @@ class RedisStore:
         self._take = self.client.register_script(_TAKE)
         self._refund = self.client.register_script(_REFUND)
         self._incr = self.client.register_script(_INCR)
+        self._set_add = self.client.register_script(_SET_ADD)
         self._failed_until = 0.0
         # redis-py's pools raise at once when all connections are busy: wait for one here instead.
         self._slots = asyncio.Semaphore(settings.pool_size)
@@ -182,6 +194,27 @@ class RedisStore:
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
         expiry = int(ttl * 1000) if ttl is not None else 0
         return int(await self._call(self._incr, keys=[self.prefix + key], args=[amount, expiry]))
+
+    async def add(self, key: str, value: bytes, ttl: float | None) -> bool:
+        expiry = max(1, int(ttl * 1000)) if ttl is not None else None
+        return bool(await self._call(self.client.set, self.prefix + key, value, px=expiry, nx=True))
+
+    async def set_add(self, key: str, *members: str, ttl: float | None = None) -> int:
+        expiry = int(ttl * 1000) if ttl is not None else 0
+        return int(await self._call(self._set_add, keys=[self.prefix + key], args=[expiry, *members]))
+
+    async def set_members(self, key: str) -> list[str]:
+        members = await self._call(self.client.smembers, self.prefix + key)
+        return sorted(member.decode() if isinstance(member, bytes) else member for member in members)
+
+    async def delete_prefix(self, prefix: str) -> int:
+        """SCAN (every master of a cluster) and delete; for purges, never on the request path."""
+        pattern = _glob_escape(self.prefix + prefix) + "*"
+        deleted = 0
+        keys = [key async for key in self.client.scan_iter(match=pattern, count=1000)]
+        for key in keys:
+            deleted += await self._call(self.client.delete, key)
+        return deleted
 
     async def close(self) -> None:
         await self.client.aclose()

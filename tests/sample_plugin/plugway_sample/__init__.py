@@ -78,3 +78,21 @@ async def on_response(ctx, settings, response):
 @hookimpl
 def after_response(ctx, settings):
     EVENTS.append(f"after_response:{ctx.status}")
+
+
+@hookimpl
+def admin_routes(gateway):
+    from aiohttp import web
+
+    async def counter(request):
+        value = await gateway.store.incr("sample:admin-calls")
+        return web.json_response({"calls": value})
+
+    return [("POST", "/sample/counter", counter)]
+
+
+@hookimpl
+def cli_commands(commands):
+    hello = commands.add_parser("sample-hello", help="say hello (an example plugin command)")
+    hello.add_argument("name")
+    hello.set_defaults(command=lambda args: print(f"hello, {args.name}") or 0)
