@@ -39,6 +39,7 @@ from .routing import request_host
 if TYPE_CHECKING:
     from aiohttp.web_request import BaseRequest
 
+    from .config.model import ListenerSettings
     from .worker import Gateway
 
 log = logging.getLogger("plugway.server")
@@ -219,9 +220,10 @@ def _parser_error(exc: BaseException | None) -> GatewayError:
 class ListenerServer(web_server.Server):
     """aiohttp's low-level server for one listener, creating our connection handlers."""
 
-    def __init__(self, gateway: Gateway, scheme: str, **kwargs: Any) -> None:
+    def __init__(self, gateway: Gateway, listener: ListenerSettings, **kwargs: Any) -> None:
         self.gateway = gateway
-        self.scheme = scheme
+        self.listener = listener
+        self.scheme = listener.scheme
         super().__init__(self.handle, handler_cancellation=True, loop=gateway.loop, **kwargs)
 
     def __call__(self) -> _ConnectionHandler:
@@ -238,8 +240,11 @@ class ListenerServer(web_server.Server):
         keep_alive = False
         try:
             _identify(ctx, gateway)
-            _admit(ctx, gateway)
-            response = await pipeline.run(ctx)
+            if self.listener.redirect_to_https:
+                response = _https_redirect(ctx, self.listener.https_port)
+            else:
+                _admit(ctx, gateway)
+                response = await pipeline.run(ctx)
             keep_alive = await _write(ctx, response)
         except GatewayError as error:
             keep_alive = await _write_error(ctx, error)
@@ -277,6 +282,18 @@ def _identify(ctx: RequestContext, gateway: Gateway) -> None:
         proto = headers.get("X-Forwarded-Proto", "").partition(",")[0].strip().lower()
         if proto in ("http", "https"):
             ctx.scheme = proto
+
+
+def _https_redirect(ctx: RequestContext, port: int) -> Response:
+    """The same URL over https (301 for GET and HEAD, 308 so other methods keep their body)."""
+    request = ctx.request
+    host = request_host(request.headers.get("Host")) or "localhost"
+    if not all(char.isalnum() or char in ".-[]:" for char in host):
+        raise BadRequest("the Host header is not a host name")
+    authority = host if port == 443 else f"{host}:{port}"
+    target = request.raw_path if request.raw_path.startswith("/") else "/"
+    status = 301 if ctx.method in ("GET", "HEAD") else 308
+    return Response(status, headers=[("Location", f"https://{authority}{target}")])
 
 
 def _admit(ctx: RequestContext, gateway: Gateway) -> None:

@@ -28,7 +28,7 @@ def bind_listener(address: str, *, backlog: int, reuse_port: bool = True) -> soc
         sock.bind(sockaddr)
         sock.listen(backlog)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(exc.errno, exc.strerror, address) from None
     return sock

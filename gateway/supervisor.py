@@ -123,11 +123,15 @@ class Supervisor:
         os.set_blocking(self._wakeup_read, False)
         os.set_blocking(self._wakeup_write, False)
         signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
-        if self.settings.admin.listen:
-            self.admin_socket = bind_listener(self.settings.admin.listen, backlog=128, reuse_port=False)
-        self.start_store()
-        for index in range(_worker_count(self.settings)):
-            self.add_slot(index)
+        try:
+            if self.settings.admin.listen:
+                self.admin_socket = bind_listener(self.settings.admin.listen, backlog=128, reuse_port=False)
+            self.start_store()
+            for index in range(_worker_count(self.settings)):
+                self.add_slot(index)
+        except OSError as exc:
+            raise HaltServer(f"cannot listen: {exc.strerror or exc} ({exc.filename or 'a configured address'})",
+                             status=1) from None
         log.info("supervisor %d started %d workers", os.getpid(), len(self.slots))
 
     def _queue_signal(self, signum: int, frame: Any) -> None:
@@ -212,7 +216,7 @@ class Supervisor:
         status = EXIT_BOOT_FAILED
         try:
             self._leave_supervisor(keep=slot)
-            listeners = [(slot.sockets[address], "http") for address in settings.server.listen]
+            listeners = [(slot.sockets[listener.address], listener) for listener in settings.server.listeners]
             from .worker import run_worker_process
             limit = requests_limit(settings.server.max_requests, settings.server.max_requests_jitter, random.random())
             status = run_worker_process(
@@ -382,9 +386,9 @@ class Supervisor:
         slot.worker = self.spawn(slot, self.settings, self.generation)
 
     def bind_slot(self, slot: Slot, settings: GatewaySettings) -> None:
-        for address in settings.server.listen:
-            if address not in slot.sockets:
-                slot.sockets[address] = bind_listener(address, backlog=settings.server.backlog)
+        for listener in settings.server.listeners:
+            if listener.address not in slot.sockets:
+                slot.sockets[listener.address] = bind_listener(listener.address, backlog=settings.server.backlog)
 
     def retire_slot(self, slot: Slot) -> None:
         """Drain the slot's worker, then close its sockets (only tcp_migrate_req=1 saves their queue)."""
@@ -535,7 +539,7 @@ class Supervisor:
             self.retire_slot(slot)
 
     def prune_sockets(self) -> None:
-        wanted = set(self.settings.server.listen)
+        wanted = {listener.address for listener in self.settings.server.listeners}
         for slot in self.slots:
             for address in [a for a in slot.sockets if a not in wanted]:
                 slot.sockets.pop(address).close()

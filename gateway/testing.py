@@ -65,14 +65,17 @@ PLUGWAY = str(Path(sys.executable).with_name("plugway"))
 class RunningGateway:
     """A gateway started by ``plugway_gateway``: where it listens and how to talk to it."""
 
-    def __init__(self, worker: Worker, task: asyncio.Task, port: int, admin_port: int) -> None:
+    def __init__(self, worker: Worker, task: asyncio.Task, port: int, admin_port: int, scheme: str) -> None:
         self.worker = worker
         self.task = task
         self.port = port
         self.admin_port = admin_port
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{scheme}://127.0.0.1:{port}"
         self.admin_url = f"http://127.0.0.1:{admin_port}"
-        self.client = aiohttp.ClientSession(base_url=self.url, auto_decompress=False)
+        # TLS listeners in tests use certificates the test made: the client does not verify them.
+        self.client = aiohttp.ClientSession(
+            base_url=self.url, auto_decompress=False, connector=aiohttp.TCPConnector(ssl=False),
+        )
 
     @property
     def gateway(self) -> Gateway:
@@ -95,15 +98,16 @@ async def start_gateway(config_text: str, plugins: dict[str, Any] | None = None)
     listener = bind_listener("127.0.0.1:0", backlog=128, reuse_port=False)
     admin = bind_listener("127.0.0.1:0", backlog=128, reuse_port=False)
     ready = asyncio.get_running_loop().create_future()
+    first = settings.server.listeners[0]  # its TLS and redirect settings apply to the test socket
     worker = Worker(
-        settings, [(listener, "http")], admin, plugins=plugin_set, handle_signals=False,
+        settings, [(listener, first)], admin, plugins=plugin_set, handle_signals=False,
         on_ready=lambda gateway: ready.set_result(None),
     )
     task = asyncio.create_task(worker.serve())
     await asyncio.wait([ready, task], return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         task.result()  # start-up failed: raise its error here
-    return RunningGateway(worker, task, listener.getsockname()[1], admin.getsockname()[1])
+    return RunningGateway(worker, task, listener.getsockname()[1], admin.getsockname()[1], first.scheme)
 
 
 def free_port() -> int:
@@ -144,6 +148,9 @@ class PlugwayProcess:
         table = tomllib.loads(config_text)
         server = table.setdefault("server", {})
         server.setdefault("listen", [f"127.0.0.1:{self.port}"])
+        for listener in server["listen"]:
+            if isinstance(listener, dict) and listener.get("address", "127.0.0.1:0") == "127.0.0.1:0":
+                listener["address"] = f"127.0.0.1:{self.port}"  # "127.0.0.1:0" (or none): this process's port
         server["runtime_dir"] = str(self.runtime_dir)
         table.setdefault("admin", {}).setdefault("listen", f"127.0.0.1:{self.admin_port}")
         self.config_path.write_text(tomli_w.dumps(table))
@@ -181,14 +188,26 @@ class PlugwayProcess:
                               timeout=120, env=self.env)
 
     def start(self, *args: str) -> PlugwayProcess:
-        self.process = subprocess.Popen(
-            [PLUGWAY, *args, "-c", str(self.config_path)] if args else [PLUGWAY, "run", "-c", str(self.config_path)],
-            stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"), env=self.env,
-        )
-        wait_until(lambda: self.status().get("ready") or self.process.poll() is not None, timeout=30)
-        if self.process.poll() is not None:
-            raise AssertionError(f"plugway exited early: {self.stderr_path.read_text()}")
+        for attempt in range(3):
+            self.process = subprocess.Popen(
+                [PLUGWAY, *args, "-c", str(self.config_path)] if args else [PLUGWAY, "run", "-c", str(self.config_path)],
+                stdout=self.stdout_path.open("wb"), stderr=self.stderr_path.open("wb"), env=self.env,
+            )
+            wait_until(lambda: self.status().get("ready") or self.process.poll() is not None, timeout=30)
+            if self.process.poll() is None:
+                return self
+            if "Address already in use" not in self.stderr_path.read_text() or attempt == 2:
+                raise AssertionError(f"plugway exited early: {self.stderr_path.read_text()}")
+            self._new_ports()  # another test took a port between free_port() and bind
         return self
+
+    def _new_ports(self) -> None:
+        old = (self.port, self.admin_port)
+        self.port, self.admin_port = free_port(), free_port()
+        text = self.config_path.read_text()
+        for before, after in zip(old, (self.port, self.admin_port)):
+            text = text.replace(f"127.0.0.1:{before}", f"127.0.0.1:{after}")
+        self.config_path.write_text(text)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)

@@ -29,7 +29,7 @@ from typing import Any
 
 from .accesslog import AccessLog
 from .admin import start_admin
-from .config.model import GatewaySettings, StoreSettings
+from .config.model import GatewaySettings, ListenerSettings, StoreSettings, TlsSettings
 from .config.schema import ConfigErrors
 from .context import RequestContext
 from .errors import GatewayError
@@ -43,6 +43,7 @@ from .routing import Router, compile_route
 from .server import CONNECTION_REFUSED, ListenerServer, require_c_parser
 from .store import InProcessStore, Store
 from .store.local import LocalStore
+from .tls import server_context
 from .upstream import Upstream
 from .upstream.resolver import Resolver
 
@@ -186,7 +187,7 @@ class Worker:
     def __init__(
         self,
         settings: GatewaySettings,
-        listeners: list[tuple[socket.socket, str]],
+        listeners: list[tuple[socket.socket, ListenerSettings]],
         admin_socket: socket.socket | None,
         *,
         plugins: PluginSet | None = None,
@@ -224,7 +225,7 @@ class Worker:
         gateway.status_file = self._status_file
         await gateway.store.connect()
         await gateway.start_plugins()
-        servers = [await self._listen(gateway, sock, scheme) for sock, scheme in self.listeners]
+        servers = [await self._listen(gateway, sock, listener) for sock, listener in self.listeners]
         admin = await start_admin(gateway, self.admin_socket) if self.admin_socket is not None else None
         if self._handle_signals:
             for signum, immediate in ((signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGQUIT, True)):
@@ -272,10 +273,12 @@ class Worker:
         if self._stop is not None:
             self._stop.set()
 
-    async def _listen(self, gateway: Gateway, sock: socket.socket, scheme: str) -> tuple[asyncio.Server, ListenerServer]:
+    async def _listen(
+        self, gateway: Gateway, sock: socket.socket, listener: ListenerSettings,
+    ) -> tuple[asyncio.Server, ListenerServer]:
         server = gateway.settings.server
         handler = ListenerServer(
-            gateway, scheme,
+            gateway, listener,
             keepalive_timeout=server.keepalive_timeout,
             max_line_size=server.max_request_line,
             max_field_size=server.max_header_size,
@@ -284,8 +287,12 @@ class Worker:
             access_log=None,
             lingering_time=2.0,
         )
-        listener = await gateway.loop.create_server(handler, sock=sock, backlog=server.backlog)
-        return listener, handler
+        context = tls_context(listener.tls) if listener.tls is not None else None
+        serving = await gateway.loop.create_server(
+            handler, sock=sock, backlog=server.backlog, ssl=context,
+            ssl_handshake_timeout=server.client_header_timeout if context else None,
+        )
+        return serving, handler
 
     async def _drain(self, gateway: Gateway, servers: list[tuple[asyncio.Server, ListenerServer]]) -> None:
         gateway.draining = True
@@ -311,7 +318,7 @@ class Worker:
 
 def run_worker_process(
     settings: GatewaySettings,
-    listeners: list[tuple[socket.socket, str]],
+    listeners: list[tuple[socket.socket, ListenerSettings]],
     admin_socket: socket.socket | None,
     channel_fd: int,
     request_limit: int,
@@ -358,6 +365,12 @@ def _rss_bytes() -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+
+def tls_context(tls: TlsSettings):
+    """This worker's SSL context for a listener, read from the certificate files now."""
+    certificates = [(c.cert, c.key, c.server_names) for c in tls.certificates]
+    return server_context(certificates, tls.min_version, tls.ciphers, tls.alpn)
 
 
 def _stores(settings: StoreSettings, store_path: str | None) -> tuple[Store, Store]:

@@ -173,7 +173,7 @@ def test_init_writes_a_commented_config_that_passes_check(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "conf").glob("**/*.toml")), ids=lambda p: p.name)
 def test_every_shipped_config_passes_check(path: Path):
-    result = subprocess.run([PLUGWAY, "check", "-c", str(path)], capture_output=True, text=True)
+    result = subprocess.run([PLUGWAY, "check", "-c", str(path)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -40,10 +41,6 @@ def _check_address(text: Any) -> str:
     return text
 
 
-def _parse_listen(raw: Any) -> tuple[str, ...]:
-    if not isinstance(raw, list):
-        raise ValueError('must be an array of addresses, such as ["0.0.0.0:8080"]')
-    return tuple(_check_address(item) for item in raw)
 
 
 def _parse_workers(raw: Any) -> int | str:
@@ -129,10 +126,71 @@ def plugin_tables(**kwargs: Any) -> Any:
     )
 
 
+def _parse_ciphers(raw: Any) -> str:
+    if not isinstance(raw, str):
+        raise ValueError("must be an OpenSSL cipher list string")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).set_ciphers(raw)
+    except ssl.SSLError:
+        raise ValueError(f"{raw!r} selects no cipher OpenSSL knows") from None
+    return raw
+
+
+@dataclass(frozen=True)
+class CertificateSettings:
+    cert: str = setting(doc="PEM file with the certificate and its chain.")
+    key: str = setting(doc="PEM file with the private key (readable by the gateway's user only).")
+    server_names: tuple[str, ...] = setting(
+        (), doc="SNI names this certificate answers; default: the DNS names in the certificate.",
+    )
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        from ..tls import CertificateError, check_certificate
+
+        try:
+            check_certificate(self.cert, self.key)
+        except CertificateError as exc:
+            yield "cert", str(exc)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    certificates: tuple[CertificateSettings, ...] = setting(doc="Certificates; the first also answers without SNI.")
+    min_version: Literal["1.2", "1.3"] = setting("1.2", doc='Oldest TLS version accepted: "1.2" or "1.3".')
+    ciphers: str | None = setting(None, doc="OpenSSL cipher list for TLS 1.2 (TLS 1.3 suites are OpenSSL's).",
+                                  parse=_parse_ciphers)
+    alpn: tuple[str, ...] = setting(("http/1.1",), doc="ALPN protocols offered.")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if not self.certificates:
+            yield "certificates", "needs at least one certificate"
+        if any(protocol != "http/1.1" for protocol in self.alpn):
+            yield "alpn", 'only "http/1.1" is served'
+
+
+@dataclass(frozen=True)
+class ListenerSettings:
+    address: str = setting(doc='"host:port" to listen on; IPv6 as "[::]:443".', parse=_check_address)
+    tls: TlsSettings | None = setting(None, doc="Terminate TLS on this listener.")
+    redirect_to_https: bool = setting(
+        False, doc="Answer every request with a redirect to the same URL over https (301 for GET/HEAD, else 308).",
+    )
+    https_port: int = setting(443, doc="Port in the https URL of a redirect.")
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if self.redirect_to_https and self.tls is not None:
+            yield "redirect_to_https", "only makes sense on a plain http listener"
+
+
 @dataclass(frozen=True)
 class ServerSettings:
-    listen: tuple[str, ...] = setting(
-        ("0.0.0.0:8080",), doc='Addresses to serve on, "host:port"; IPv6 as "[::]:8080".', parse=_parse_listen,
+    listen: tuple[str | ListenerSettings, ...] = setting(
+        ("0.0.0.0:8080",),
+        doc='Where to serve: "host:port" (IPv6 as "[::]:8080"), or a table { address, tls, redirect_to_https }.',
     )
     workers: int | str = setting("auto", doc='Worker processes; "auto" is the CPU count.', parse=_parse_workers)
     client_max_body: Size = setting(Size("10MiB"), doc="Largest request body accepted (413 beyond it).")
@@ -188,9 +246,23 @@ class ServerSettings:
         False, doc="Forward client headers whose names contain '_' (dropped by default, as nginx does).",
     )
 
+    @property
+    def listeners(self) -> tuple[ListenerSettings, ...]:
+        return tuple(item if isinstance(item, ListenerSettings) else ListenerSettings(address=item)
+                     for item in self.listen)
+
     def validate(self) -> Iterator[tuple[str, str]]:
         if not self.listen:
             yield "listen", "needs at least one address"
+        for index, item in enumerate(self.listen):
+            if isinstance(item, str):
+                try:
+                    parse_address(item)
+                except ValueError as exc:
+                    yield f"listen[{index}]", str(exc)
+        addresses = [listener.address for listener in self.listeners]
+        if len(addresses) != len(set(addresses)):
+            yield "listen", "lists an address twice"
         if self.max_headers < 1:
             yield "max_headers", "must be at least 1"
         if self.max_requests < 0 or self.max_requests_jitter < 0:
