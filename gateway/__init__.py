@@ -11,12 +11,13 @@ from .config.units import Duration, Rate, Secret, Size
 from .context import Consumer, RequestContext
 from .errors import GatewayError
 from .hookspecs import hookimpl
-from .messages import OutgoingRequest, Response, UpstreamResponse
+from .messages import DROP, OutgoingRequest, Response, Upgraded, UpstreamResponse, WebSocketMessage
 from .plugins import PluginDeclaration
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Consumer", "Duration", "GatewayError", "OutgoingRequest", "PluginDeclaration", "Rate", "RequestContext",
-    "Response", "Secret", "Size", "UpstreamResponse", "hookimpl", "setting",
+    "DROP", "Consumer", "Duration", "GatewayError", "OutgoingRequest", "PluginDeclaration", "Rate", "RequestContext",
+    "Response", "Secret", "Size", "Upgraded", "UpstreamResponse", "WebSocketMessage", "hookimpl",
+    "setting",
 ]

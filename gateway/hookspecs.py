@@ -49,7 +49,7 @@ import pluggy
 if TYPE_CHECKING:
     from .context import RequestContext
     from .errors import GatewayError
-    from .messages import OutgoingRequest, Response, UpstreamResponse
+    from .messages import OutgoingRequest, Response, UpstreamResponse, WebSocketMessage
     from .plugins import PluginDeclaration
     from .worker import Gateway
 
@@ -111,6 +111,24 @@ def worker_stopping(gateway: Gateway) -> None | Awaitable[None]:
     :param gateway: the same ``Gateway`` as in ``worker_started``.
 
     The return value is ignored. May be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+@hookspec
+def worker_draining(gateway: Gateway) -> None | Awaitable[None]:
+    """The worker stops taking new connections (stop, reload, recycle); finish long-lived ones.
+
+    Called once, right after the worker stops accepting and before it waits for in-flight
+    requests (up to ``server.graceful_timeout``). Plugins that hold connections open for
+    long (WebSockets, streams) should close them within their own deadline, before that
+    timeout, so clients reconnect to the new workers.
+
+    :param gateway: the worker's ``Gateway`` (``gateway.draining`` is now true).
+
+    The return value is ignored. May be async; it is awaited before the drain goes on, so
+    schedule long waits with ``gateway.spawn`` rather than awaiting them here.
 
     Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
     """
@@ -250,6 +268,65 @@ def after_response(ctx: RequestContext, settings: Any) -> None | Awaitable[None]
 
     The return value is ignored. May be async; it is awaited after the
     response has been written, so it adds no latency for the client.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+# --- WebSockets (called by the websocket plugin on routes where it runs) ---------------------
+
+
+@hookspec
+def websocket_open(ctx: RequestContext, settings: Any) -> None | Awaitable[None]:
+    """A proxied WebSocket is open at both ends.
+
+    Called once per connection on routes where the websocket plugin proxies it, after the
+    upstream accepted the handshake and the client got its 101, in priority order. The
+    handshake itself went through ``on_request`` like any request (auth, rate limits).
+
+    :param ctx: the handshake's ``RequestContext`` (``ctx.consumer``, ``ctx.state``...).
+    :param settings: the plugin's settings for this route.
+
+    The return value is ignored; raising closes the connection with 1011. May be async.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+@hookspec
+def websocket_message(
+    ctx: RequestContext, settings: Any, message: WebSocketMessage, direction: str,
+) -> WebSocketMessage | None | Awaitable[WebSocketMessage | None]:
+    """Inspect, change or drop one message on its way through.
+
+    Called for every text or binary message, in priority order (for both directions):
+    ``direction`` is ``"client"`` (from the client to the upstream) or ``"upstream"``.
+    Control frames (ping, pong, close) are not passed here.
+
+    :param ctx: the handshake's ``RequestContext``.
+    :param settings: the plugin's settings for this route.
+    :param message: a ``WebSocketMessage(kind, data)``.
+
+    Return None to pass the message on as it is (or as an earlier plugin changed it), a
+    new ``WebSocketMessage`` to replace it, or ``gateway.DROP`` to drop it. May be async;
+    it runs on every message, so keep it cheap.
+
+    Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
+    """
+
+
+@hookspec
+def websocket_close(ctx: RequestContext, settings: Any, code: int) -> None | Awaitable[None]:
+    """A proxied WebSocket closed.
+
+    Called once per connection that ``websocket_open`` saw open, in priority order.
+
+    :param ctx: the handshake's ``RequestContext``.
+    :param settings: the plugin's settings for this route.
+    :param code: the close code sent to the client (1000 normal, 1001 going away,
+        1009 message too big, 1011 error...).
+
+    The return value is ignored. May be async.
 
     Example: ``tests/sample_plugin/plugway_sample/__init__.py``.
     """

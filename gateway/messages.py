@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 from multidict import CIMultiDict
 
@@ -134,6 +135,31 @@ class Response(_ResponseBody):
 
     async def _stream(self) -> AsyncIterator[bytes]:
         yield self._body
+
+
+@dataclass(frozen=True)
+class WebSocketMessage:
+    """One WebSocket message passing through the gateway (``websocket_message`` hook)."""
+
+    kind: Literal["text", "binary"]
+    data: str | bytes
+
+
+class _Drop:
+    def __repr__(self) -> str:
+        return "DROP"
+
+
+DROP = _Drop()  # returned by a websocket_message hook: the message goes no further
+
+
+class Upgraded(Response):
+    """What a plugin returns once it has taken the connection over (a WebSocket it answered
+    with 101 and served until the end): the gateway writes nothing more and closes the
+    connection. Set ``ctx.bytes_in``/``bytes_out`` and ``ctx.log`` for the access log."""
+
+    def __init__(self) -> None:
+        super().__init__(101)
 
 
 class UpstreamResponse(_ResponseBody):

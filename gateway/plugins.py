@@ -68,6 +68,9 @@ class Chain:
     on_error: tuple[Callable, ...] = ()
     on_response: tuple[tuple[int, Callable], ...] = ()
     after_response: tuple[Callable, ...] = ()
+    websocket_open: tuple[Callable, ...] = ()
+    websocket_message: tuple[Callable, ...] = ()
+    websocket_close: tuple[Callable, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.plugins)
@@ -80,6 +83,9 @@ _PHASE_ARGUMENTS = {
     "on_error": ("ctx", "error"),
     "on_response": ("ctx", "response"),
     "after_response": ("ctx",),
+    "websocket_open": ("ctx",),
+    "websocket_message": ("ctx", "message", "direction"),
+    "websocket_close": ("ctx", "code"),
 }
 
 
@@ -108,6 +114,9 @@ class PluginSet:
             on_error=tuple(step for _, step in steps["on_error"]),
             on_response=tuple(reversed(steps["on_response"])),
             after_response=tuple(step for _, step in steps["after_response"]),
+            websocket_open=tuple(step for _, step in steps["websocket_open"]),
+            websocket_message=tuple(step for _, step in steps["websocket_message"]),
+            websocket_close=tuple(step for _, step in steps["websocket_close"]),
         )
 
     def lifecycle(self, hook: str) -> list[Callable]:

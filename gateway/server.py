@@ -31,7 +31,7 @@ from .errors import (
 )
 from .forwarding import request_id
 from .headers import HeaderInjection
-from .messages import Response, UpstreamResponse
+from .messages import Response, Upgraded, UpstreamResponse
 from .paths import BadPath, canonical_path
 from .requesthead import BadFraming, VersionNotSupported, check_head
 from .routing import request_host
@@ -336,6 +336,9 @@ def _admit_lenient(ctx: RequestContext, gateway: Gateway, path: str, refusal: Ba
 
 async def _write(ctx: RequestContext, response: Response | UpstreamResponse) -> bool:
     """Write ``response`` to the client; return whether the connection stays open."""
+    if isinstance(response, Upgraded):
+        ctx.status = response.status
+        return False
     request = ctx.request
     gateway = ctx.gateway
     keep_alive = (

@@ -161,6 +161,15 @@ class Gateway:
             if result is not None and hasattr(result, "__await__"):
                 await result
 
+    async def drain_plugins(self) -> None:
+        for draining in self.plugins.lifecycle("worker_draining"):
+            try:
+                result = draining(gateway=self)
+                if result is not None and hasattr(result, "__await__"):
+                    await result
+            except Exception:
+                log.exception("a plugin failed to start draining")
+
     async def stop_plugins(self) -> None:
         for stopping in self.plugins.lifecycle("worker_stopping"):
             try:
@@ -304,6 +313,7 @@ class Worker:
         await asyncio.sleep(ACCEPT_SETTLE_SECONDS)
         for listener, _ in servers:
             listener.close()
+        await gateway.drain_plugins()
         deadline = loop.time() + gateway.settings.server.graceful_timeout
         if not self._immediate:
             idle_until = loop.time() + DRAIN_IDLE_SECONDS

@@ -175,7 +175,7 @@ async def test_after_response_sees_the_final_status(plugway_gateway, aiohttp_raw
         await response.read()
     await gateway.stop()
     assert "after_response:200" in plugway_sample.EVENTS
-    assert plugway_sample.EVENTS[-1] == "worker_stopping"
+    assert plugway_sample.EVENTS[-2:] == ["worker_draining", "worker_stopping"]
 
 
 async def test_a_plugin_bug_is_a_500_without_a_traceback(plugway_gateway, aiohttp_raw_server):
@@ -298,7 +298,8 @@ def test_the_hook_specifications_are_each_documented_and_implemented_by_the_samp
     from gateway import hookspecs
 
     hooks = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "plugway_spec")]
-    assert set(hooks) == {"declare_plugin", "worker_started", "worker_stopping", "admin_routes", "cli_commands",
+    assert set(hooks) == {"declare_plugin", "worker_started", "worker_draining", "worker_stopping", "admin_routes",
+                          "cli_commands", "websocket_open", "websocket_message", "websocket_close",
                           "on_request", "before_upstream", "on_error", "on_response", "after_response"}
     for name in hooks:
         doc = textwrap.dedent(getattr(hookspecs, name).__doc__)

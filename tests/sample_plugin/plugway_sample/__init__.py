@@ -37,6 +37,11 @@ async def worker_started(gateway):
 
 
 @hookimpl
+def worker_draining(gateway):
+    EVENTS.append("worker_draining")
+
+
+@hookimpl
 def worker_stopping(gateway):
     EVENTS.append("worker_stopping")
 
@@ -96,3 +101,25 @@ def cli_commands(commands):
     hello = commands.add_parser("sample-hello", help="say hello (an example plugin command)")
     hello.add_argument("name")
     hello.set_defaults(command=lambda args: print(f"hello, {args.name}") or 0)
+
+
+@hookimpl
+def websocket_open(ctx, settings):
+    ctx.state["sample.ws"] = []
+
+
+@hookimpl
+def websocket_message(ctx, settings, message, direction):
+    """Upper-cases text from the client; drops binary messages that are exactly b"drop"."""
+    from gateway import DROP, WebSocketMessage
+
+    if message.kind == "binary" and message.data == b"drop":
+        return DROP
+    if direction == "client" and message.kind == "text" and settings.tag == "upper":
+        return WebSocketMessage("text", message.data.upper())
+    return None
+
+
+@hookimpl
+def websocket_close(ctx, settings, code):
+    EVENTS.append(f"websocket_close:{code}")
