@@ -8,8 +8,10 @@
   hash, and each worker's pid, slot, age, state and requests served.
 - ``POST /reload``: ask the supervisor for a rolling reload (like SIGHUP);
   202, with the reload number to look for in ``/status``.
+- ``GET /upstreams``: every upstream's targets with their health, ejection and
+  in-flight requests (of the worker that answers), plus what plugins add (breaker state).
 
-``/status`` and ``/reload`` need ``Authorization: Bearer TOKEN`` when
+``/status``, ``/reload``, ``/upstreams`` and plugin endpoints need ``Authorization: Bearer TOKEN`` when
 ``admin.token_env`` names an environment variable holding the token; the
 gateway refuses to serve the admin API on a non-loopback address without one.
 In cluster mode the supervisor owns the admin socket and every worker serves
@@ -62,6 +64,19 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(cluster)
 
 
+async def upstreams(request: web.Request) -> web.Response:
+    """Each upstream and its targets as this worker sees them (health is shared by the host)."""
+    _authorize(request)
+    gateway = request.app[GATEWAY_KEY]
+    view = {}
+    for name, upstream in gateway.upstreams.items():
+        entry = upstream.describe()
+        for annotate in gateway.upstream_annotations:
+            entry.update(annotate(name))
+        view[name] = entry
+    return web.json_response({"worker_pid": os.getpid(), "upstreams": view})
+
+
 async def reload(request: web.Request) -> web.Response:
     _authorize(request)
     gateway = request.app[GATEWAY_KEY]
@@ -107,6 +122,7 @@ def admin_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
+    app.router.add_get("/upstreams", upstreams)
     app.router.add_post("/reload", reload)
     for routes in gateway.plugins.lifecycle("admin_routes"):
         for method, path, handler in routes(gateway=gateway) or ():

@@ -99,6 +99,8 @@ class Gateway:
         self.draining = False
         self.ready = False
         self.state: dict[str, Any] = {}
+        # Plugins add functions name -> dict of extra fields for the admin /upstreams view.
+        self.upstream_annotations: list[Callable[[str], dict[str, Any]]] = []
         self._tasks: set[asyncio.Task] = set()
 
     def admit_connection(self, peer_ip: str) -> bytes | None:

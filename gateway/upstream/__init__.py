@@ -51,6 +51,13 @@ class Upstream:
             raise NoTargetAvailable(f'no target of upstream "{self.name}" is available')
         return target
 
+    def describe(self) -> dict:
+        return {
+            "balance": self.settings.balance,
+            "targets": [{"url": t.url, "weight": t.weight, "in_flight": t.in_flight,
+                         "open_connections": t.pool.open} for t in self.targets],
+        }
+
     def close(self) -> None:
         for target in self.targets:
             target.pool.close()
