@@ -49,6 +49,10 @@ class GatewayMetrics:
             "plugway_upstream_errors_total", "Failed attempts to get a response from an upstream, by reason.",
             ["upstream", "code"], registry=registry,
         )
+        self.upstream_retries = Counter(
+            "plugway_upstream_retries_total", "Tries made again, by upstream and what failed.",
+            ["upstream", "reason"], registry=registry,
+        )
         self.connections_refused = Counter(
             "plugway_connections_refused_total", "Client connections turned away before a request, by reason.",
             ["reason"], registry=registry,
@@ -83,6 +87,9 @@ class GatewayMetrics:
         if histogram is None:
             histogram = self._children[key] = self.upstream_seconds.labels(upstream)
         histogram.observe(seconds)
+
+    def upstream_retried(self, upstream: str, reason: str) -> None:
+        self.upstream_retries.labels(upstream, reason).inc()
 
     def upstream_failed(self, upstream: str, code: str) -> None:
         self.upstream_errors.labels(upstream, code).inc()

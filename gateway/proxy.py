@@ -1,4 +1,4 @@
-"""The data path: send one request to a target and hand back the response head.
+"""The data path: send one request to a target (retrying when allowed) and hand back the response head.
 
 The request body is re-framed by the gateway: Content-Length when the client
 sent one (or when a plugin set the body), chunked when the client sent
@@ -13,13 +13,18 @@ control and are counted against ``client_max_body`` as they arrive.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from .errors import BodyTooLarge, GatewayError, RequestTimeout
+from .errors import (
+    BodyTooLarge, GatewayError, RequestTimeout, UpstreamBusy, UpstreamInvalidResponse, UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from .messages import OutgoingRequest, UpstreamResponse
 from .upstream.connection import PrematureClose
+from .upstream.pool import ConnectFailure, ConnectTimeout
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -33,25 +38,37 @@ _BODY_EXPECTED = frozenset(("POST", "PUT", "PATCH"))
 async def send(ctx: RequestContext, outgoing: OutgoingRequest, upstream: Upstream) -> UpstreamResponse:
     """Send ``outgoing`` to a target of ``upstream``; return once the response head is in.
 
-    The caller owns the response and must call ``finish(ctx, response)``.
+    Retries, within the upstream's retry budget, what ``retries.on`` names (for the methods
+    in ``retries.methods``, and only when the body is in memory), on another target where
+    there is one. The caller owns the response and must call ``finish(ctx, response)``.
     """
     request = ctx.request
-    limit = ctx.gateway.settings.server.client_max_body
+    settings = upstream.settings
     body = outgoing.body
     if body is None and request.body_exists:
         length = request.content_length
-        if length is not None and length > limit:
+        if length is not None and length > ctx.gateway.settings.server.client_max_body:
             raise BodyTooLarge()
         if length is not None and length <= BUFFER_BODY_UP_TO:
             body = await _read_small_body(ctx, length)
-    target = upstream.choose(ctx)
-    ctx.target = target
+    if settings.max_concurrent and upstream.in_flight >= settings.max_concurrent:
+        raise UpstreamBusy(f'upstream "{upstream.name}" has {settings.max_concurrent} requests in flight already')
+    upstream.budget.deposit()
+    route = ctx.route.settings
+    total = route.timeout if route.timeout is not None else settings.timeout
     started = time.monotonic()
-    target.in_flight += 1
+    upstream.in_flight += 1
     try:
-        exchange = await _exchange(ctx, outgoing, upstream, target, body)
+        if total:
+            async with asyncio.timeout(total):
+                exchange = await _tries(ctx, outgoing, upstream, body)
+        else:
+            exchange = await _tries(ctx, outgoing, upstream, body)
+    except TimeoutError:
+        upstream.in_flight -= 1
+        raise UpstreamTimeout(f"the upstream gave no answer within {total}s") from None
     except BaseException:
-        target.in_flight -= 1
+        upstream.in_flight -= 1
         raise
     ctx.upstream_seconds = time.monotonic() - started
     return UpstreamResponse(exchange)
@@ -61,16 +78,83 @@ def finish(ctx: RequestContext, response: UpstreamResponse) -> None:
     """The response went out (or failed): release its connection and stop counting it."""
     response.exchange.release()
     ctx.target.in_flight -= 1
+    ctx.upstream.in_flight -= 1
+
+
+async def _tries(ctx: RequestContext, outgoing: OutgoingRequest, upstream: Upstream, body: bytes | None) -> Exchange:
+    retries = upstream.settings.retries
+    replayable = body is not None or not ctx.request.body_exists
+    tries = 1 + retries.attempts if replayable and outgoing.method in retries.methods else 1
+    tried: frozenset = frozenset()
+    for attempt in range(tries):
+        target = upstream.choose(ctx, tried)
+        ctx.target = target
+        target.in_flight += 1
+        try:
+            exchange = await _exchange(ctx, outgoing, upstream, target, body)
+        except GatewayError as error:
+            target.in_flight -= 1
+            if _counts_against_target(error):
+                upstream.record(target, ok=False)
+            if attempt + 1 < tries and _retryable(error, retries.on) and (
+                    _never_reached(error) or upstream.budget.withdraw()):
+                ctx.gateway.metrics.upstream_retried(upstream.name, error.code)
+                tried |= {target}
+                await asyncio.sleep(_backoff(retries, attempt))
+                continue
+            raise
+        except BaseException:
+            target.in_flight -= 1
+            raise
+        status = exchange.status
+        upstream.record(target, ok=status < 500)
+        if str(status) in retries.on and attempt + 1 < tries and upstream.budget.withdraw():
+            ctx.gateway.metrics.upstream_retried(upstream.name, str(status))
+            exchange.release()
+            target.in_flight -= 1
+            tried |= {target}
+            await asyncio.sleep(_backoff(retries, attempt))
+            continue
+        return exchange
+    raise AssertionError("unreachable")
+
+
+def _counts_against_target(error: GatewayError) -> bool:
+    """Failures that say something about the target (not a full pool, not the client)."""
+    return isinstance(error, (UpstreamUnreachable, UpstreamTimeout, UpstreamInvalidResponse))
+
+
+def _never_reached(error: GatewayError) -> bool:
+    """The try never got to the target (refused, unreachable, connect timeout): retrying it
+    elsewhere adds nothing to any target's load, so it costs nothing from the retry budget."""
+    return isinstance(error, (ConnectFailure, ConnectTimeout))
+
+
+def _retryable(error: GatewayError, conditions: tuple[str, ...]) -> bool:
+    if isinstance(error, (ConnectFailure, PrematureClose)):
+        return "connect_failure" in conditions
+    if isinstance(error, UpstreamTimeout):
+        return "timeout" in conditions or isinstance(error, ConnectTimeout) and "connect_failure" in conditions
+    return False
+
+
+def _backoff(retries, attempt: int) -> float:
+    """Exponential, capped, with jitter (half fixed, half random) so retries do not synchronise."""
+    delay = min(retries.backoff_max, retries.backoff * 2 ** attempt)
+    return delay / 2 + random.random() * delay / 2
 
 
 async def _exchange(
     ctx: RequestContext, outgoing: OutgoingRequest, upstream: Upstream, target: Target, body: bytes | None,
 ) -> Exchange:
     settings = upstream.settings
+    route = ctx.route.settings
+    read_timeout = settings.retries.per_try_timeout or route.read_timeout or settings.read_timeout
+    connect_timeout = route.connect_timeout or settings.connect_timeout
     head = _request_head(ctx, outgoing, target, body)
     for attempt in (1, 2):
-        connection, reused = await target.pool.acquire()
-        exchange = connection.begin(outgoing.method == "HEAD", settings.read_timeout)
+        connection, reused = await target.pool.acquire(connect_timeout)
+        exchange = connection.begin(outgoing.method == "HEAD", read_timeout)
         try:
             if body is not None or not ctx.request.body_exists:
                 connection.write(head + body if body else head)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -103,11 +104,12 @@ class _ConnectionHandler(web_protocol.RequestHandler):
       from one peer, a new connection gets 503 and is closed at once.
     """
 
-    __slots__ = ("gateway", "peer_ip", "requests_served", "_head_timer", "_counted")
+    __slots__ = ("gateway", "peer_ip", "requests_served", "_head_timer", "_counted", "__weakref__")
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         manager = self._manager
+        manager.pending.discard(self)
         self.gateway = manager.gateway
         self.requests_served = 0
         self._head_timer: asyncio.TimerHandle | None = None
@@ -121,7 +123,9 @@ class _ConnectionHandler(web_protocol.RequestHandler):
         self._start_head_timer()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
+        if self._manager is not None:
+            self._manager.pending.discard(self)  # a TLS handshake that failed
+        if getattr(self, "_head_timer", None) is not None:
             self._head_timer.cancel()
         if getattr(self, "_counted", False):
             self._counted = False
@@ -224,10 +228,14 @@ class ListenerServer(web_server.Server):
         self.gateway = gateway
         self.listener = listener
         self.scheme = listener.scheme
+        # Accepted but not yet connected (TLS handshakes): weak, as a failed handshake never tells us.
+        self.pending: weakref.WeakSet[_ConnectionHandler] = weakref.WeakSet()
         super().__init__(self.handle, handler_cancellation=True, loop=gateway.loop, **kwargs)
 
     def __call__(self) -> _ConnectionHandler:
-        return _ConnectionHandler(self, loop=self._loop, **self._kwargs)
+        handler = _ConnectionHandler(self, loop=self._loop, **self._kwargs)
+        self.pending.add(handler)  # accepted; on a TLS listener, connection_made waits for the handshake
+        return handler
 
     async def handle(self, request: BaseRequest) -> _Sent:
         gateway = self.gateway

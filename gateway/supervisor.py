@@ -221,6 +221,7 @@ class Supervisor:
             limit = requests_limit(settings.server.max_requests, settings.server.max_requests_jitter, random.random())
             status = run_worker_process(
                 settings, listeners, self.admin_socket, channel_fd, limit, self.status_file, str(self.store_path),
+                runs_health_checks=slot.index == 0,
             )
         except BaseException:
             log.exception("worker failed")

@@ -27,6 +27,8 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiodns
+
 from .accesslog import AccessLog
 from .admin import start_admin
 from .config.model import GatewaySettings, ListenerSettings, StoreSettings, TlsSettings
@@ -45,10 +47,13 @@ from .store import InProcessStore, Store
 from .store.local import LocalStore
 from .tls import server_context
 from .upstream import Upstream
+from .upstream.discovery import Discovery
+from .upstream.health import HealthChecker, watch_health
 from .upstream.resolver import Resolver
 
 log = logging.getLogger("plugway.worker")
 PR_SET_PDEATHSIG = 1
+DISCOVERY_WAIT_SECONDS = 5.0
 DRAIN_IDLE_SECONDS = 1.0
 ACCEPT_SETTLE_SECONDS = 0.05
 
@@ -102,6 +107,7 @@ class Gateway:
         # Plugins add functions name -> dict of extra fields for the admin /upstreams view.
         self.upstream_annotations: list[Callable[[str], dict[str, Any]]] = []
         self._tasks: set[asyncio.Task] = set()
+        self._discoveries: list[Discovery] = []
 
     def admit_connection(self, peer_ip: str) -> bytes | None:
         """Count a new client connection, or the 503 to answer it with when over a cap."""
@@ -157,6 +163,25 @@ class Gateway:
         if self.access_log is not None:
             self.access_log.record(ctx, seconds)
 
+    async def start_upstreams(self, runs_health_checks: bool) -> None:
+        """Resolve discovered targets (waiting up to DISCOVERY_WAIT_SECONDS) and start the
+        background work: re-resolution, health checks (one worker per host), health views."""
+        upstreams = list(self.upstreams.values())
+        for upstream in upstreams:
+            if not upstream.discovered:
+                continue
+            discovery = Discovery(upstream)
+            self._discoveries.append(discovery)
+            try:
+                async with asyncio.timeout(DISCOVERY_WAIT_SECONDS):
+                    await discovery.resolve_once()
+            except (TimeoutError, aiodns.error.DNSError) as exc:
+                log.warning("no targets resolved yet for upstream %s: %s", upstream.name, exc)
+            self.spawn(discovery.run())
+        if runs_health_checks:
+            self.spawn(HealthChecker(upstreams, self.local_store).run())
+        self.spawn(watch_health(upstreams, self.local_store))
+
     async def start_plugins(self) -> None:
         for started in self.plugins.lifecycle("worker_started"):
             result = started(gateway=self)
@@ -182,6 +207,10 @@ class Gateway:
                 log.exception("a plugin failed to stop cleanly")
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for discovery in self._discoveries:
+            discovery.close()
         for upstream in self.upstreams.values():
             upstream.close()
         self.resolver.close()
@@ -208,9 +237,11 @@ class Worker:
         request_limit: int = 0,
         status_file: Path | None = None,
         store_path: str | None = None,
+        runs_health_checks: bool = True,
     ) -> None:
         self.settings = settings
         self._store_path = store_path
+        self._runs_health_checks = runs_health_checks
         self.listeners = listeners
         self.admin_socket = admin_socket
         self._plugins = plugins
@@ -235,6 +266,7 @@ class Worker:
         gateway = self.gateway = Gateway(self.settings, plugins, loop, self._store_path)
         gateway.status_file = self._status_file
         await gateway.store.connect()
+        await gateway.start_upstreams(self._runs_health_checks)
         await gateway.start_plugins()
         servers = [await self._listen(gateway, sock, listener) for sock, listener in self.listeners]
         admin = await start_admin(gateway, self.admin_socket) if self.admin_socket is not None else None
@@ -319,7 +351,7 @@ class Worker:
         deadline = loop.time() + gateway.settings.server.graceful_timeout
         if not self._immediate:
             idle_until = loop.time() + DRAIN_IDLE_SECONDS
-            while loop.time() < idle_until and any(handler.connections for _, handler in servers):
+            while loop.time() < idle_until and any(handler.connections or handler.pending for _, handler in servers):
                 await asyncio.sleep(0.05)
         for _, handler in servers:
             handler.pre_shutdown()
@@ -336,6 +368,7 @@ def run_worker_process(
     request_limit: int,
     status_file: Path,
     store_path: str,
+    runs_health_checks: bool,
 ) -> int:
     """The body of a forked worker process; returns its exit status."""
     _die_with_parent()
@@ -349,7 +382,7 @@ def run_worker_process(
         return EXIT_BOOT_FAILED
     worker = Worker(
         settings, listeners, admin_socket, plugins=plugins, channel=channel, request_limit=request_limit,
-        status_file=status_file, store_path=store_path,
+        status_file=status_file, store_path=store_path, runs_health_checks=runs_health_checks,
     )
     try:
         worker.run()
@@ -406,6 +439,9 @@ def _stop_reading(loop: asyncio.AbstractEventLoop, sock: Any) -> None:
 
 
 def _install_uvloop() -> None:
+    """uvloop when installed, unless PLUGWAY_EVENT_LOOP=asyncio asks for the standard loop."""
+    if os.environ.get("PLUGWAY_EVENT_LOOP") == "asyncio":
+        return
     try:
         import uvloop
     except ImportError:

@@ -341,15 +341,99 @@ class StoreSettings:
             yield "max_keys", "max_keys and pool_size must be at least 1"
 
 
+def _parse_statuses(raw: Any) -> tuple[str, ...]:
+    """Statuses as "200" or classes as "2xx"."""
+    if not isinstance(raw, list):
+        raise ValueError('must be an array such as ["2xx", "301"]')
+    for item in raw:
+        text = str(item)
+        if not (text.isdigit() and len(text) == 3 or len(text) == 3 and text[0].isdigit() and text[1:] == "xx"):
+            raise ValueError(f'{item!r} is not a status ("200") or a class of statuses ("2xx")')
+    return tuple(str(item) for item in raw)
+
+
+@dataclass(frozen=True)
+class HealthCheckSettings:
+    path: str = setting("/health", doc="Path requested on each target.")
+    interval: Duration = setting(Duration("5s"), doc="Time between two checks of a target.")
+    timeout: Duration = setting(Duration("2s"), doc="A check not answered within this fails.")
+    healthy_threshold: int = setting(2, doc="Passing checks in a row that make an unhealthy target healthy.")
+    unhealthy_threshold: int = setting(3, doc="Failing checks in a row that make a healthy target unhealthy.")
+    statuses: tuple[str, ...] = setting(("2xx",), doc='Statuses that pass: "200", or classes such as "2xx".',
+                                        parse=_parse_statuses)
+    host: str | None = setting(None, doc="Host header of the checks (default: the target's).")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if not self.path.startswith("/"):
+            yield "path", "must start with /"
+        if self.healthy_threshold < 1 or self.unhealthy_threshold < 1:
+            yield "healthy_threshold", "thresholds must be at least 1"
+        if self.interval <= 0:
+            yield "interval", "must be longer than zero"
+
+
+@dataclass(frozen=True)
+class OutlierSettings:
+    consecutive_failures: int = setting(5, doc="Failures in a row that eject a target (0: never eject).")
+    base_ejection_time: Duration = setting(
+        Duration("30s"), doc="An ejection lasts this long times the number of times the target was ejected.",
+    )
+    max_ejection_percent: int = setting(50, doc="Most targets of the upstream ejected at once, in percent.")
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        if not 0 <= self.max_ejection_percent <= 100 or self.consecutive_failures < 0:
+            yield "max_ejection_percent", "must be between 0 and 100 (consecutive_failures: 0 or more)"
+
+
+RETRY_CONDITIONS = ("connect_failure", "timeout", "502", "503", "504")
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    attempts: int = setting(1, doc="Tries after the first one (0: never retry).")
+    on: tuple[str, ...] = setting(
+        ("connect_failure",), doc="What is retried: connect_failure, timeout (no response head in time), 502, 503, 504.",
+    )
+    methods: tuple[str, ...] = setting(
+        ("GET", "HEAD", "OPTIONS", "PUT", "DELETE"), doc="Methods that may be retried (idempotent ones by default).",
+    )
+    backoff: Duration = setting(Duration("25ms"), doc="Wait before the first retry; doubles each time, with jitter.")
+    backoff_max: Duration = setting(Duration("250ms"), doc="Longest wait between tries.")
+    per_try_timeout: Duration | None = setting(None, doc="Longest wait for each try's response head (default read_timeout).")
+    budget: int = setting(
+        20, doc="Retries may add at most this percent on top of the requests to the upstream (per worker).",
+    )
+
+    def validate(self) -> Iterator[tuple[str, str]]:
+        for condition in self.on:
+            if condition not in RETRY_CONDITIONS:
+                yield "on", f"{condition!r} is not one of {', '.join(RETRY_CONDITIONS)}"
+        if self.attempts < 0 or not 0 <= self.budget <= 100:
+            yield "budget", "must be between 0 and 100 (attempts: 0 or more)"
+
+
 @dataclass(frozen=True)
 class TargetSettings:
-    url: str = setting(doc='Where to send requests: "http://host:port" or "https://host:port".')
-    weight: int = setting(1, doc="Share of traffic relative to the other targets.")
+    url: str = setting(
+        doc='"http://host:port", "https://host:port", or discovered: "dns://name:port" (A/AAAA records) or '
+            '"srv://_http._tcp.name" (SRV records with their ports and weights).',
+    )
+    weight: int = setting(1, doc="Share of traffic relative to the other targets (SRV records bring their own).")
+
+    @property
+    def discovered(self) -> bool:
+        return self.url.startswith(("dns://", "srv://"))
 
     def validate(self) -> Iterator[tuple[str, str]]:
         parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            yield "url", f'{self.url!r} is not an http:// or https:// URL with a host'
+        if parts.scheme == "srv":
+            if not parts.hostname or parts.port is not None:
+                yield "url", f'{self.url!r}: write SRV names as "srv://_service._proto.name" (the records give ports)'
+            return
+        if parts.scheme not in ("http", "https", "dns") or not parts.hostname:
+            yield "url", f'{self.url!r} is not an http://, https://, dns:// or srv:// URL with a host'
+        elif parts.scheme == "dns" and parts.port is None:
+            yield "url", f'{self.url!r}: a dns:// target needs a port'
         elif parts.path not in ("", "/") or parts.query or parts.fragment:
             yield "url", "must not have a path, query or fragment (use the route's strip_prefix and path instead)"
         try:
@@ -374,6 +458,17 @@ class UpstreamSettings:
     write_timeout: Duration = setting(Duration("60s"), doc="Longest wait for the target to take more request bytes.")
     max_connections: int = setting(256, doc="Connections per target per worker; more requests wait connect_timeout.")
     keepalive_timeout: Duration = setting(Duration("60s"), doc="Idle keep-alive connections to a target close after this.")
+    timeout: Duration = setting(
+        Duration(0), doc="Longest time for a response head across every try and backoff (0: read_timeout per try only).",
+    )
+    max_concurrent: int = setting(0, doc="Requests in flight to this upstream per worker; beyond it 503 at once (0: none).")
+    health_check: HealthCheckSettings | None = setting(None, doc="Active health checks of every target.")
+    outlier_detection: OutlierSettings = setting(factory=OutlierSettings, doc="Passive health: ejecting failing targets.")
+    retries: RetrySettings = setting(factory=RetrySettings, doc="Retries of failed tries, within a budget.")
+    panic_mode: bool = setting(False, doc="When every target is down, use them all anyway (Envoy's panic) instead of 503.")
+    resolver: tuple[str, ...] = setting(
+        (), doc='DNS servers for dns:// and srv:// targets, "ip" or "ip:port" (default: the system\'s).',
+    )
     tls_verify: bool = setting(True, doc="Verify https targets' certificates and host names.")
     tls_ca_file: str | None = setting(None, doc="CA bundle for https targets; the system store when unset.")
 
@@ -411,6 +506,9 @@ class RouteSettings:
         False, doc="Accept %2F and %5C in paths, forwarded as sent and never decoded for routing (400 otherwise).",
     )
     allow_semicolons: bool = setting(False, doc="Accept ';' parameters in path segments (400 otherwise).")
+    connect_timeout: Duration | None = setting(None, doc="Overrides the upstream's connect_timeout on this route.")
+    read_timeout: Duration | None = setting(None, doc="Overrides the upstream's read_timeout on this route.")
+    timeout: Duration | None = setting(None, doc="Overrides the upstream's timeout (all tries) on this route.")
     plugins: Mapping[str, Table] = plugin_tables(doc="Per-route plugin settings: [routes.plugins.NAME].")
 
     def validate(self) -> Iterator[tuple[str, str]]:

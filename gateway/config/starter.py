@@ -52,6 +52,15 @@ def _table(name: str, cls: type, example: dict[str, Any] | None = None, array: b
         if value is None:
             lines.append(f"# {field.name} = (unset)")
         else:
-            lines.append(tomli_w.dumps({field.name: value}).strip())
+            lines.append(f"{field.name} = {_inline(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _inline(value: Any) -> str:
+    """A TOML value on one line: nested tables inline, so the key stays in its own table."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{key} = {_inline(item)}" for key, item in value.items()) + " }"
+    if isinstance(value, list):
+        return "[" + ", ".join(_inline(item) for item in value) + "]"
+    return tomli_w.dumps({"v": value}).strip()[len("v = "):]
 

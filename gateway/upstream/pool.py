@@ -13,6 +13,14 @@ import ssl
 from collections import deque
 
 from ..errors import UpstreamBusy, UpstreamTimeout, UpstreamUnreachable
+
+
+class ConnectFailure(UpstreamUnreachable):
+    """No connection could be made (refused, unreachable, DNS, TLS): nothing was sent."""
+
+
+class ConnectTimeout(UpstreamTimeout):
+    message = "connecting to the upstream timed out"
 from .connection import UpstreamConnection
 from .resolver import Resolver
 
@@ -45,18 +53,23 @@ class ConnectionPool:
         self.opened_total = 0
         self._waiters: deque[asyncio.Future[UpstreamConnection | None]] = deque()
         self._sweeper: asyncio.TimerHandle | None = None
+        self.retired = False
 
-    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+    async def acquire(self, connect_timeout: float | None = None) -> tuple[UpstreamConnection, bool]:
         """A connection for one exchange, and whether it was reused."""
         while self.idle:
             connection = self.idle.pop()
             if not connection.closed:
                 return connection, True
+        timeout = connect_timeout or self.connect_timeout
         if self.open < self.max_connections:
-            return await self._connect(), False
-        return await self._wait_for_release()
+            return await self._connect(timeout), False
+        return await self._wait_for_release(timeout)
 
     def release(self, connection: UpstreamConnection) -> None:
+        if self.retired:
+            connection.close()
+            return
         if self._hand_over(connection):
             return
         connection.idle_since = self.loop.time()
@@ -82,6 +95,11 @@ class ConnectionPool:
                 return True
         return False
 
+    def retire(self) -> None:
+        """The target left the upstream: close idle connections now, busy ones when released."""
+        self.retired = True
+        self.close()
+
     def close(self) -> None:
         while self.idle:
             self.idle.pop().close()
@@ -89,10 +107,10 @@ class ConnectionPool:
             self._sweeper.cancel()
             self._sweeper = None
 
-    async def _connect(self) -> UpstreamConnection:
+    async def _connect(self, timeout: float) -> UpstreamConnection:
         self.open += 1
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(timeout):
                 host = self.host if self.resolver is None else await self.resolver.resolve(self.host)
                 _, connection = await self.loop.create_connection(
                     lambda: UpstreamConnection(self), host, self.port,
@@ -100,24 +118,27 @@ class ConnectionPool:
                 )
         except TimeoutError:
             self.open -= 1
-            raise UpstreamTimeout("connecting to the upstream timed out") from None
+            raise ConnectTimeout() from None
         except ssl.SSLError as exc:
             self.open -= 1
-            raise UpstreamUnreachable(f"TLS with the upstream failed: {exc.reason or 'handshake error'}") from None
+            raise ConnectFailure(f"TLS with the upstream failed: {exc.reason or 'handshake error'}") from None
         except OSError as exc:
             self.open -= 1
-            raise UpstreamUnreachable(f"the upstream refused the connection ({exc.strerror or exc})") from None
+            raise ConnectFailure(f"the upstream refused the connection ({exc.strerror or exc})") from None
+        except UpstreamUnreachable as exc:  # the name did not resolve
+            self.open -= 1
+            raise ConnectFailure(exc.message) from None
         except BaseException:
             self.open -= 1
             raise
         self.opened_total += 1
         return connection
 
-    async def _wait_for_release(self) -> tuple[UpstreamConnection, bool]:
+    async def _wait_for_release(self, timeout: float) -> tuple[UpstreamConnection, bool]:
         waiter: asyncio.Future[UpstreamConnection | None] = self.loop.create_future()
         self._waiters.append(waiter)
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(timeout):
                 connection = await waiter
         except BaseException as exc:
             if waiter.done() and not waiter.cancelled():
@@ -126,7 +147,7 @@ class ConnectionPool:
                 raise UpstreamBusy() from None
             raise
         if connection is None:  # a connection closed, so there is room for a new one
-            return await self._connect(), False
+            return await self._connect(timeout), False
         return connection, True
 
     def _pass_on(self, connection: UpstreamConnection | None) -> None:
