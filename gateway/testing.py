@@ -55,7 +55,9 @@ import pytest
 import tomli_w
 
 from . import config
-from .plugins import load_plugins
+from .context import Consumer
+from .hookspecs import hookimpl
+from .plugins import PluginDeclaration, load_plugins
 from .sockets import bind_listener
 from .worker import Gateway, Worker
 
@@ -108,6 +110,32 @@ async def start_gateway(config_text: str, plugins: dict[str, Any] | None = None)
     if task.done():
         task.result()  # start-up failed: raise its error here
     return RunningGateway(worker, task, listener.getsockname()[1], admin.getsockname()[1], first.scheme)
+
+
+class HeaderIdentity:
+    """A stand-in for an auth plugin in tests: the consumer comes from request headers.
+
+    ``X-Test-User`` (the id), ``X-Test-Roles`` (comma-separated), ``X-Test-Scopes``
+    (space-separated) and ``X-Test-Claims`` (JSON). Register it as a plugin:
+    ``plugway_gateway(config, plugins={"identity": HeaderIdentity()})`` with an
+    ``[plugins.identity]`` table. Never use it outside tests.
+    """
+
+    @hookimpl
+    def declare_plugin(self):
+        return PluginDeclaration(priority=1000)
+
+    @hookimpl
+    def on_request(self, ctx):
+        headers = ctx.request.headers
+        user = headers.get("X-Test-User")
+        if user is not None:
+            ctx.consumer = Consumer(
+                user,
+                roles=tuple(filter(None, headers.get("X-Test-Roles", "").split(","))),
+                scopes=tuple(headers.get("X-Test-Scopes", "").split()),
+                claims=json.loads(headers.get("X-Test-Claims", "{}")),
+            )
 
 
 def free_port() -> int:

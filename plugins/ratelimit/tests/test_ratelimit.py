@@ -6,22 +6,7 @@ import textwrap
 import pytest
 from aiohttp import web
 
-from gateway import Consumer, PluginDeclaration, hookimpl
-
-
-class HeaderIdentity:
-    """Stands in for an auth plugin: the consumer comes from X-Test-User / X-Test-Roles."""
-
-    @hookimpl
-    def declare_plugin(self):
-        return PluginDeclaration(priority=1000)
-
-    @hookimpl
-    def on_request(self, ctx):
-        user = ctx.request.headers.get("X-Test-User")
-        if user:
-            roles = tuple(filter(None, ctx.request.headers.get("X-Test-Roles", "").split(",")))
-            ctx.consumer = Consumer(user, roles=roles)
+from gateway.testing import HeaderIdentity
 
 
 async def ok(request):
