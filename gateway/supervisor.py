@@ -19,6 +19,7 @@ one worker more/fewer, USR1 reopen log files (forwarded to workers).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import logging
 import os
@@ -50,6 +51,7 @@ SIGNALS = {
 STOP_MARGIN_SECONDS = 5.0
 STORE_START_SECONDS = 5.0
 QUIT_WAIT_SECONDS = 5.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class HaltServer(BaseException):
@@ -66,6 +68,7 @@ class Supervisor:
         self.config_path = config_path
         self.settings = settings
         self.config_hash = _file_hash(config_path)
+        self.pid = os.getpid()
         self.generation = 1
         self.runtime = runtime_dir
         self.slots: list[Slot] = []
@@ -229,7 +232,9 @@ class Supervisor:
             os._exit(status)
 
     def _leave_supervisor(self, keep: Slot | None) -> None:
-        """In a freshly forked child: default signal handling, and none of the supervisor's fds."""
+        """In a freshly forked child: die with the supervisor, default signal handling, and none of
+        the supervisor's fds."""
+        _die_with(self.pid)
         signal.set_wakeup_fd(-1)
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
@@ -633,6 +638,17 @@ def _file_hash(path: str) -> str:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
         return ""
+
+
+def _die_with(parent: int) -> None:
+    """Ask the kernel to SIGTERM this child when the supervisor dies (even by SIGKILL), so no
+    orphaned worker or store process keeps the port or the runtime directory."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the supervisor died before the request was in place
+        os._exit(1)
 
 
 def _kill(pid: int, signum: int) -> None:

@@ -17,7 +17,6 @@ connections and wait for in-flight requests until ``graceful_timeout``.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import importlib
 import logging
 import os
@@ -52,7 +51,6 @@ from .upstream.health import HealthChecker, watch_health
 from .upstream.resolver import Resolver
 
 log = logging.getLogger("plugway.worker")
-PR_SET_PDEATHSIG = 1
 DISCOVERY_WAIT_SECONDS = 5.0
 DRAIN_IDLE_SECONDS = 1.0
 ACCEPT_SETTLE_SECONDS = 0.05
@@ -371,7 +369,6 @@ def run_worker_process(
     runs_health_checks: bool,
 ) -> int:
     """The body of a forked worker process; returns its exit status."""
-    _die_with_parent()
     setup_logging(settings.log.level)
     channel = WorkerChannel(channel_fd)
     importlib.invalidate_caches()  # see plugins upgraded since the supervisor started
@@ -395,13 +392,6 @@ def run_worker_process(
     return 0
 
 
-def _die_with_parent() -> None:
-    """Ask the kernel to send SIGTERM if the supervisor dies, so no orphan keeps the port."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
 
 
 def _rss_bytes() -> int:

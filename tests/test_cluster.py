@@ -158,9 +158,24 @@ async def test_quit_stops_at_once(plugway_process, upstream_url, slow_started):
         await slow
 
 
+def children(pid: int) -> set[int]:
+    found = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = open(f"/proc/{entry.name}/stat").read()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
 async def test_workers_exit_when_the_supervisor_is_killed(plugway_process, upstream_url):
     gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
-    pids = [w["pid"] for w in gateway.wait_for_workers(2)]
+    workers = {w["pid"] for w in gateway.wait_for_workers(2)}
+    pids = children(gateway.process.pid)
+    assert workers < pids  # the workers and the store process
     gateway.process.kill()
     gateway.process.wait()
 
