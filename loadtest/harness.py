@@ -1,0 +1,204 @@
+"""Process and measurement helpers shared by the load tests in this directory (bench.py and the
+scenario benchmarks): start servers in their own process groups and always stop them, wait until
+they answer, find free ports, and read CPU use from /proc.
+
+Everything listens on and sends to 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+HOST = "127.0.0.1"  # the only address anything here listens on or sends to
+START_TIMEOUT = 30.0  # seconds a server has to become ready
+STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    pass
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+_started: list[subprocess.Popen] = []  # every process group this run started, for cleanup
+
+
+def spawn(cmd: list[str], logfile: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start cmd in a new session (its own process group), output to logfile."""
+    with open(logfile, "ab") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=ROOT, env=env)
+    _started.append(proc)
+    return proc
+
+
+def exited(proc: subprocess.Popen) -> bool:
+    """Whether proc has exited, without reaping it: an unreaped leader keeps its process group id
+    reserved, so signalling the group can never reach a process that is not ours."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not exited(proc):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM the process group, wait (bounded), SIGKILL whatever of the group is left, reap."""
+    if proc.returncode is None:  # not reaped yet, so the group id (the leader's pid) is still ours
+        pgid = proc.pid  # start_new_session: the group id is the leader's pid
+        _signal_group(pgid, signal.SIGTERM)
+        if not wait_exit(proc, STOP_TIMEOUT):
+            log(f"  (pid {proc.pid} did not stop within {STOP_TIMEOUT:.0f}s of SIGTERM: SIGKILL)")
+        # The leader is gone but not reaped: stray members of its group (the workers of a
+        # supervisor that exited first, say) go too.
+        _signal_group(pgid, signal.SIGKILL)
+        try:
+            proc.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log(f"  (pid {proc.pid} survived SIGKILL?)")
+    if proc in _started:
+        _started.remove(proc)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_all() -> None:
+    for proc in list(reversed(_started)):
+        stop(proc)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(proc: subprocess.Popen, port: int, path: str, logfile: Path, what: str) -> float:
+    """Poll GET path on port until 200; returns the seconds it took."""
+    started = time.monotonic()
+    deadline = started + START_TIMEOUT
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if exited(proc):
+            raise BenchError(f"{what} exited while starting:\n{tail(logfile)}")
+        try:
+            status, _ = http_get(port, path, timeout=1.0)
+            if status == 200:
+                return time.monotonic() - started
+            last = f"status {status}"
+        except OSError as error:
+            last = str(error)
+        time.sleep(0.05)
+    raise BenchError(f"{what} not ready after {START_TIMEOUT:.0f}s ({last}):\n{tail(logfile)}")
+
+
+def process_tree(root: int) -> list[int]:
+    """root and its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [root]
+    while todo and len(tree) < 10_000:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, ()))
+    return tree
+
+
+def cpu_ticks(root: int) -> int:
+    """CPU clock ticks used so far by root's process tree: each live member's own time plus that of
+    the children it has reaped (cutime, cstime), so a worker that exits is still counted."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += sum(int(n) for n in fields[11:15])  # utime, stime, cutime, cstime
+    return total
+
+
+def all_ticks() -> dict[int, tuple[str, int, str]]:
+    """{pid: (start time, utime + stime, name)} for every user-space process on the machine."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if entry.name != "2" and fields[1] != "2":  # not a kernel thread (ksoftirqd does loopback work)
+                name = stat[stat.index("(") + 1:stat.rindex(")")]
+                out[int(entry.name)] = (fields[19], int(fields[11]) + int(fields[12]), name)
+    return out
+
+
+def foreign_cpu(before: dict[int, tuple[str, int, str]], seconds: float) -> tuple[float, str]:
+    """CPU (% of one core) used since `before` by processes that this run did not start (other
+    people's work on the machine), and the busiest of them. Approximate: a process that exited
+    meanwhile is not seen."""
+    ours = set(process_tree(os.getpid()))
+    hz = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for pid, (start, total, name) in all_ticks().items():
+        if pid not in ours:
+            old = before.get(pid)
+            ticks = total - old[1] if old and old[0] == start else total
+            if ticks > 0:
+                used[f"{name}[{pid}]"] = 100.0 * ticks / hz / max(seconds, 0.001)
+    busiest = sorted(used.items(), key=lambda item: -item[1])[:3]
+    return sum(used.values()), ", ".join(f"{name} {percent:.0f}%" for name, percent in busiest)
