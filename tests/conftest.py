@@ -1,128 +1,12 @@
-"""Shared test helpers: real upstream servers, raw clients, and gateway processes.
-
-Nothing here mocks the network: upstreams are real servers on loopback,
-clients use real sockets, and process tests run the real ``plugway`` command.
-"""
+"""Fixtures of the core tests (helpers to import are in support.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import textwrap
-import time
 from collections.abc import Callable
-from pathlib import Path
 
-import httptools
 import pytest
 
-from gateway.testing import PLUGWAY, free_port, wait_until  # noqa: F401  (re-exported for the tests)
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-async def async_wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.01)
-
-
-def route_config(upstream_url: str, *, route: str = "", upstream: str = "", extra: str = "", server: str = "") -> str:
-    """A one-upstream, one-route configuration; ``server``/``route``/``upstream`` add keys to those tables."""
-    return textwrap.dedent(f"""
-        [server]
-        {textwrap.dedent(server).strip()}
-        [log]
-        access = false
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream_url}" }}]
-        {textwrap.dedent(upstream).strip()}
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        strip_prefix = true
-        {textwrap.dedent(route).strip()}
-        {textwrap.dedent(extra).strip()}
-    """)
-
-
-class RawUpstream:
-    """A raw TCP upstream that records every byte received and answers with scripted bytes.
-
-    ``respond(request_bytes) -> bytes | None`` decides the answer per request;
-    None closes the connection without answering. ``connections`` counts accepts.
-    """
-
-    def __init__(self, respond: Callable[[bytes], bytes | None]) -> None:
-        self.respond = respond
-        self.received: list[bytes] = []
-        self.connections = 0
-        self.server: asyncio.Server | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> RawUpstream:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while True:
-                request = await _read_request(reader)
-                if request is None:
-                    return
-                self.received.append(request)
-                answer = self.respond(request)
-                if answer is None:
-                    return
-                writer.write(answer)
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return
-        finally:
-            writer.close()
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-
-
-async def _read_request(reader: asyncio.StreamReader) -> bytes | None:
-    try:
-        head = await reader.readuntil(b"\r\n\r\n")
-    except asyncio.IncompleteReadError:
-        return None
-    lower = head.lower()
-    if b"transfer-encoding: chunked" in lower:
-        body = b""
-        while True:
-            size_line = await reader.readuntil(b"\r\n")
-            size = int(size_line.split(b";")[0], 16)
-            chunk = await reader.readexactly(size + 2)
-            body += size_line + chunk
-            if size == 0:
-                break
-        return head + body
-    for line in lower.split(b"\r\n"):
-        if line.startswith(b"content-length:"):
-            return head + await reader.readexactly(int(line.split(b":")[1]))
-    return head
-
-
-def http_response(status: int = 200, body: bytes = b"ok", headers: list[tuple[str, str]] | None = None) -> bytes:
-    lines = [f"HTTP/1.1 {status} X"] + [f"{k}: {v}" for k, v in (headers or [])]
-    if not any(k.lower() in ("content-length", "transfer-encoding") for k, _ in headers or []):
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+from support import RawUpstream
 
 
 @pytest.fixture
@@ -137,38 +21,3 @@ async def raw_upstream():
     yield start
     for upstream in started:
         await upstream.close()
-
-
-class _ResponseEnd:
-    """httptools callbacks: notes when the first complete response (after any 1xx) has arrived."""
-
-    def __init__(self) -> None:
-        self.done = False
-        self.parser = httptools.HttpResponseParser(self)
-
-    def on_message_complete(self) -> None:
-        if self.parser.get_status_code() >= 200:
-            self.done = True
-
-
-async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0) -> bytes:
-    """Send raw bytes to the gateway; read until one whole response, the close, or silence."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    await writer.drain()
-    chunks = []
-    end = _ResponseEnd()
-    try:
-        while not end.done:
-            chunk = await asyncio.wait_for(reader.read(65536), read_timeout)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            try:
-                end.parser.feed_data(chunk)
-            except httptools.HttpParserError:
-                pass
-    except (asyncio.TimeoutError, ConnectionError):
-        pass
-    writer.close()
-    return b"".join(chunks)

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import async_wait_until, http_response, route_config, wait_until
+from support import async_wait_until, http_response, route_config, wait_until
 from load import constant_load
 
 

@@ -10,7 +10,7 @@ from gateway.config.starter import starter_config
 from gateway.config.units import Duration, Rate, Size
 from gateway.plugins import load_plugins
 
-from conftest import PLUGWAY, ROOT
+from support import PLUGWAY, ROOT
 
 
 @pytest.mark.parametrize("text, seconds, rendered", [

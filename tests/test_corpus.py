@@ -10,7 +10,7 @@ from pathlib import Path
 import httptools
 import pytest
 
-from conftest import PLUGWAY, ROOT, http_response, raw_exchange
+from support import PLUGWAY, ROOT, http_response, raw_exchange
 
 CASES = tomllib.loads((Path(__file__).parent / "corpus" / "requests.toml").read_text())["case"]
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization",

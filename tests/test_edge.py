@@ -3,7 +3,7 @@
 import asyncio
 import time
 
-from conftest import async_wait_until, http_response, raw_exchange, route_config
+from support import async_wait_until, http_response, raw_exchange, route_config
 
 
 async def read_all(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:

@@ -11,7 +11,7 @@ from gateway import GatewayError, PluginDeclaration, Response, hookimpl, setting
 from gateway.config.schema import ConfigErrors
 from gateway.plugins import EMPTY_CHAIN, installed_plugins
 
-from conftest import PLUGWAY, free_port, route_config
+from support import PLUGWAY, free_port, route_config
 
 
 class Recorder:
@@ -333,7 +333,7 @@ class StatusAndEmptyChunks:
 async def test_a_changed_status_gets_its_own_reason_and_empty_chunks_do_not_end_the_body(
     plugway_gateway, raw_upstream,
 ):
-    from conftest import http_response, raw_exchange
+    from support import http_response, raw_exchange
 
     upstream = await raw_upstream(lambda request: http_response(200, b"whole body"))
     gateway = await plugway_gateway(route_config(upstream.url, extra="[plugins.change]\n"),

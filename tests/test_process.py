@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import async_wait_until, route_config
+from support import async_wait_until, route_config
 
 GIB = 1 << 30
 MIB = 1 << 20

@@ -7,7 +7,7 @@ import json
 import aiohttp
 from aiohttp import web
 
-from conftest import async_wait_until, free_port, http_response, raw_exchange, route_config
+from support import async_wait_until, free_port, http_response, raw_exchange, route_config
 
 
 async def echo(request: web.BaseRequest) -> web.StreamResponse:

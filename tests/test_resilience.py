@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import async_wait_until, free_port, http_response, route_config
+from support import async_wait_until, free_port, http_response, route_config
 from gateway.testing import wait_until
 
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, PLUGWAY, route_config, wait_until
+from support import ROOT, PLUGWAY, route_config, wait_until
 
 
 class NotifySocket:
