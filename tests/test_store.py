@@ -7,6 +7,7 @@ import os
 import pytest
 
 from gateway.config.model import StoreSettings
+from gateway.config.units import Duration
 from gateway.store import InProcessStore, Limit, StoreUnavailable
 from gateway.store.local import LocalStore, run_store_process
 from gateway.store.memory import KEY_OVERHEAD, MemoryTable
@@ -76,6 +77,16 @@ async def test_sets_and_purging_by_prefix(store):
     assert await store.get("cache:/b/1") == b"x"
 
 
+async def test_adding_to_a_set_extends_its_expiry_and_never_shortens_it(store):
+    await store.set_add("{tag}:short", "a", ttl=0.3)
+    await store.set_add("{tag}:short", "b", ttl=60)
+    await store.set_add("{tag}:long", "a", ttl=60)
+    await store.set_add("{tag}:long", "b", ttl=0.3)
+    await asyncio.sleep(0.5)
+    assert await store.set_members("{tag}:short") == ["a", "b"]
+    assert await store.set_members("{tag}:long") == ["a", "b"]
+
+
 async def test_rate_limits_are_all_or_nothing(store):
     tight = Limit("rl:{t}", "token_bucket", 2, 3600)
     loose = Limit("rl:{l}", "token_bucket", 100, 3600)
@@ -99,9 +110,32 @@ async def test_an_unreachable_store_raises_store_unavailable(tmp_path):
     stores = [LocalStore(str(tmp_path / "nobody.sock"), 0.2),
               RedisStore(StoreSettings(backend="redis", url=f"redis://127.0.0.1:{free_port()}/0", timeout=0.2))]
     for store in stores:
-        with pytest.raises(StoreUnavailable):
-            await store.get("k")
+        for operation in (store.get("k"), store.delete_prefix("cache:")):
+            with pytest.raises(StoreUnavailable):
+                await operation
         await store.close()
+
+
+async def test_the_local_store_refuses_one_oversized_value_and_keeps_serving(local_store_path):
+    store = LocalStore(local_store_path, 5.0)
+    pending = asyncio.ensure_future(store.incr("n"))
+    with pytest.raises(StoreUnavailable, match="frame limit"):
+        await store.set("big", b"x" * (17 << 20), None)
+    assert await pending == 1  # the other operations on the connection were not failed
+    await store.set("ttl", b"v", Duration("60s"))  # a float subclass, which marshal alone refuses
+    assert await store.get("ttl") == b"v"
+    await store.close()
+
+
+def test_sets_grow_in_place_with_their_bytes_accounted():
+    table = MemoryTable(max_keys=100, max_bytes=1 << 20, clock=lambda: 0.0)
+    table.set_add("s", ["a", "b"], None)
+    table.set_add("s", ["b", "c"], None)
+    assert table.set_members("s") == ["a", "b", "c"]
+    assert table.get("s") == frozenset("abc")
+    assert table.bytes == KEY_OVERHEAD + 1 + 3 * 81
+    table.delete(["s"])
+    assert table.bytes == 0
 
 
 def test_the_table_is_bounded_in_keys_and_bytes_least_recently_used_first():

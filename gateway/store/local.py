@@ -100,7 +100,10 @@ class _Frames(asyncio.Protocol):
         del buffer[:offset]
 
     def send(self, message: Any) -> None:
+        """Raises ValueError for what marshal cannot encode or a frame over MAX_FRAME."""
         payload = marshal.dumps(message)
+        if len(payload) > MAX_FRAME:
+            raise ValueError(f"{len(payload)} bytes is over the store's frame limit of {MAX_FRAME}")
         self.transport.write(_LENGTH.pack(len(payload)) + payload)
 
     def frame(self, message: Any) -> None:
@@ -146,19 +149,19 @@ class LocalStore:
         return await self._call("get", key)
 
     async def set(self, key: str, value: bytes, ttl: float | None) -> None:
-        await self._call("set", key, value, ttl)
+        await self._call("set", key, value, _seconds(ttl))
 
     async def delete(self, *keys: str) -> int:
         return await self._call("delete", list(keys))
 
     async def incr(self, key: str, amount: int = 1, ttl: float | None = None) -> int:
-        return await self._call("incr", key, amount, ttl)
+        return await self._call("incr", key, amount, _seconds(ttl))
 
     async def add(self, key: str, value: bytes, ttl: float | None) -> bool:
-        return await self._call("add", key, value, ttl)
+        return await self._call("add", key, value, _seconds(ttl))
 
     async def set_add(self, key: str, *members: str, ttl: float | None = None) -> int:
-        return await self._call("set_add", key, list(members), ttl)
+        return await self._call("set_add", key, list(members), _seconds(ttl))
 
     async def set_members(self, key: str) -> list[str]:
         return await self._call("set_members", key)
@@ -191,6 +194,8 @@ class LocalStore:
             raise StoreUnavailable(f"the local store did not answer {op} within {self.timeout * 1000:.0f} ms") from None
         except OSError as exc:
             raise StoreUnavailable(f"the local store is unreachable: {exc.strerror or exc}") from None
+        except ValueError as exc:  # this operation only; the connection stays up for the others
+            raise StoreUnavailable(f"the local store cannot take {op}: {exc}") from None
         if not ok:
             raise StoreUnavailable(f"the local store failed {op}: {result}")
         return result
@@ -205,6 +210,11 @@ class LocalStore:
             return self._connection
 
 
+def _seconds(ttl: float | None) -> float | None:
+    """A plain float: marshal refuses subclasses such as the configuration's Duration."""
+    return None if ttl is None else float(ttl)
+
+
 class _ClientConnection(_Frames):
     """Pipelines requests on one connection; replies are matched to requests by id."""
 
@@ -216,10 +226,10 @@ class _ClientConnection(_Frames):
 
     def request(self, op: str, args: tuple) -> asyncio.Future:
         request_id = next(self._ids)
+        self.send((request_id, op, args))  # before registering: a refused frame leaves nothing pending
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         future.add_done_callback(lambda _: self._pending.pop(request_id, None))
-        self.send((request_id, op, args))
         return future
 
     def frame(self, message: Any) -> None:

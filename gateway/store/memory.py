@@ -70,7 +70,9 @@ class MemoryTable:
 
     def get(self, key: str) -> Any:
         entry = self._live(key)
-        return None if entry is None else entry[1]
+        if entry is None:
+            return None
+        return frozenset(entry[1]) if isinstance(entry[1], _Members) else entry[1]
 
     def set(self, key: str, value: Any, ttl: float | None) -> None:
         self._store(key, value, self._expiry(ttl))
@@ -98,16 +100,26 @@ class MemoryTable:
         return True
 
     def set_add(self, key: str, members: Sequence[str], ttl: float | None) -> int:
-        """Add members to the set at ``key`` (created with ``ttl``); returns the set's size."""
+        """Add members to the set at ``key``, in place; ``ttl`` sets its expiry when it is created
+        and extends it (never shortens it) when it exists. Returns the set's size."""
         entry = self._live(key)
-        current = set(entry[1]) if entry is not None and isinstance(entry[1], frozenset) else set()
-        current.update(members)
-        self._store(key, frozenset(current), entry[0] if entry is not None else self._expiry(ttl))
-        return len(current)
+        if entry is None or not isinstance(entry[1], _Members):
+            stored = _Members(members)
+            self._store(key, stored, self._expiry(ttl))
+            return len(stored)
+        stored = entry[1]
+        added = [member for member in set(members) if member not in stored]
+        stored.update(added)
+        grown = sum(_member_size(member) for member in added)
+        stored.size += grown
+        self.bytes += grown
+        entry[0] = _later(entry[0], self._expiry(ttl))
+        self._evict()
+        return len(stored)
 
     def set_members(self, key: str) -> list[str]:
-        value = self.get(key)
-        return sorted(value) if isinstance(value, frozenset) else []
+        entry = self._live(key)
+        return sorted(entry[1]) if entry is not None and isinstance(entry[1], _Members) else []
 
     def delete_prefix(self, prefix: str) -> int:
         return self.delete([key for key in self._data if key.startswith(prefix)])
@@ -158,15 +170,39 @@ class MemoryTable:
         else:
             self._data[key] = [expires_at, value]
         self.bytes += _size(key, value)
+        self._evict()
+
+    def _evict(self) -> None:
         while len(self._data) > self.max_keys or self.bytes > self.max_bytes:
             oldest, entry = self._data.popitem(last=False)
             self.bytes -= _size(oldest, entry[1])
             self.evicted += 1
 
 
+class _Members(set):
+    """A stored set, with the bytes its members account for kept up to date."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, members: Sequence[str]) -> None:
+        super().__init__(members)
+        self.size = sum(_member_size(member) for member in self)
+
+
+def _member_size(member: str) -> int:
+    return len(member) + 80
+
+
+def _later(expires_at: float | None, wanted: float | None) -> float | None:
+    """An expiry extended to ``wanted``: None (no expiry) stays None, and so does no new ttl."""
+    if expires_at is None or wanted is None:
+        return expires_at
+    return max(expires_at, wanted)
+
+
 def _size(key: str, value: Any) -> int:
-    if isinstance(value, frozenset):
-        return KEY_OVERHEAD + len(key) + sum(len(member) + 80 for member in value)
+    if isinstance(value, _Members):
+        return KEY_OVERHEAD + len(key) + value.size
     return KEY_OVERHEAD + len(key) + (len(value) if isinstance(value, (bytes, str)) else 0)
 
 

@@ -115,8 +115,13 @@ return value
 
 
 _SET_ADD = """
-local size = redis.call('SADD', KEYS[1], unpack(ARGV, 2))
-if redis.call('PTTL', KEYS[1]) == -1 and tonumber(ARGV[1]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local existed = redis.call('EXISTS', KEYS[1])
+redis.call('SADD', KEYS[1], unpack(ARGV, 2))
+local wanted = tonumber(ARGV[1])
+if wanted > 0 then
+  local left = redis.call('PTTL', KEYS[1])
+  if existed == 0 or (left >= 0 and left < wanted) then redis.call('PEXPIRE', KEYS[1], wanted) end
+end
 return redis.call('SCARD', KEYS[1])
 """
 
@@ -211,7 +216,10 @@ class RedisStore:
         """SCAN (every master of a cluster) and delete; for purges, never on the request path."""
         pattern = _glob_escape(self.prefix + prefix) + "*"
         deleted = 0
-        keys = [key async for key in self.client.scan_iter(match=pattern, count=1000)]
+        try:  # each SCAN call is bounded by redis-py's socket timeout
+            keys = [key async for key in self.client.scan_iter(match=pattern, count=1000)]
+        except Exception as exc:  # noqa: BLE001 - as in _call
+            raise StoreUnavailable(f"Redis failed a scan: {type(exc).__name__}: {exc}") from None
         for key in keys:
             deleted += await self._call(self.client.delete, key)
         return deleted
