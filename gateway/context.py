@@ -21,6 +21,7 @@ class Consumer:
     roles: tuple[str, ...] = ()
     scopes: tuple[str, ...] = ()
     claims: Mapping[str, Any] = field(default_factory=dict)
+    anonymous: bool = False  # let in without credentials (per-caller limits then key on the address)
 
 
 class RequestContext:

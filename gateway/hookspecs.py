@@ -91,7 +91,9 @@ def worker_started(gateway: Gateway) -> None | Awaitable[None]:
     reported as failed.
 
     :param gateway: the worker's ``Gateway``: ``gateway.settings`` (the core
-        configuration), ``gateway.store`` (shared state), ``gateway.loop``.
+        configuration), ``gateway.plugin_settings(name)`` (a plugin's parsed
+        settings by route), ``gateway.store`` (shared state), ``gateway.state``
+        (per-worker state, by plugin name), ``gateway.metrics``, ``gateway.loop``.
 
     The return value is ignored. May be async.
 

@@ -116,7 +116,8 @@ class HeaderIdentity:
     """A stand-in for an auth plugin in tests: the consumer comes from request headers.
 
     ``X-Test-User`` (the id), ``X-Test-Roles`` (comma-separated), ``X-Test-Scopes``
-    (space-separated) and ``X-Test-Claims`` (JSON). Register it as a plugin:
+    (space-separated) and ``X-Test-Claims`` (JSON); ``X-Test-Anonymous`` instead makes the
+    anonymous consumer an auth plugin lets in without credentials. Register it as a plugin:
     ``plugway_gateway(config, plugins={"identity": HeaderIdentity()})`` with an
     ``[plugins.identity]`` table. Never use it outside tests.
     """
@@ -129,7 +130,9 @@ class HeaderIdentity:
     def on_request(self, ctx):
         headers = ctx.request.headers
         user = headers.get("X-Test-User")
-        if user is not None:
+        if "X-Test-Anonymous" in headers:
+            ctx.consumer = Consumer("anonymous", roles=("anonymous",), anonymous=True)
+        elif user is not None:
             ctx.consumer = Consumer(
                 user,
                 roles=tuple(filter(None, headers.get("X-Test-Roles", "").split(","))),

@@ -138,6 +138,11 @@ class Gateway:
         if self.access_log is not None:
             self.access_log.reopen()
 
+    def plugin_settings(self, name: str) -> dict[str, Any]:
+        """Plugin ``name``'s parsed settings on each route it is enabled on: {route name: settings}.
+        Routes without a table of their own share one object, the global settings."""
+        return dict(self.plugins.get(name).route_settings)
+
     def upstream(self, name: str) -> Upstream:
         try:
             return self.upstreams[name]

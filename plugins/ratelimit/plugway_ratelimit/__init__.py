@@ -62,8 +62,9 @@ def worker_started(gateway):
 async def on_request(ctx, settings):
     state = ctx.gateway.state["ratelimit"]
     consumer = ctx.consumer
+    known = consumer is not None and not consumer.anonymous
     caller = Caller(
-        route=ctx.route.name, consumer_id=consumer.id if consumer else None, roles=consumer.roles if consumer else (),
+        route=ctx.route.name, consumer_id=consumer.id if known else None, roles=consumer.roles if consumer else (),
         client_ip=ctx.client_ip, api_key=hash_api_key(ctx.request.headers.get(settings.api_key_header)),
         header=ctx.request.headers,
     )

@@ -114,6 +114,16 @@ async def test_tiers_by_role_and_exempt_roles(plugway_gateway, upstream):
     assert await statuses(gateway, 10, headers={"X-Test-User": "root", "X-Test-Roles": "admin"}) == [200] * 10
 
 
+async def test_anonymous_callers_are_counted_by_address_under_consumer_or_ip(plugway_gateway, upstream):
+    plugin = '[[plugins.ratelimit.limits]]\nkey = "consumer_or_ip"\nrate = "1/h"\n'
+    server = 'trusted_proxies = ["127.0.0.1/32"]'
+    gateway = await plugway_gateway(config(upstream, plugin, server=server), plugins={"identity": HeaderIdentity()})
+    first, second = ({"X-Test-Anonymous": "1", "X-Forwarded-For": address} for address in ("10.0.0.1", "10.0.0.2"))
+    assert await statuses(gateway, 2, headers=first) == [200, 429]
+    assert await statuses(gateway, 1, headers=second) == [200]  # not one bucket for every anonymous caller
+    assert await statuses(gateway, 2, headers={"X-Test-User": "anonymous-looking"}) == [200, 429]
+
+
 async def test_a_spoofed_x_forwarded_for_cannot_rotate_the_key(plugway_gateway, upstream):
     plugin = '[[plugins.ratelimit.limits]]\nkey = "ip"\nrate = "3/h"\n'
     gateway = await plugway_gateway(config(upstream, plugin), plugins={"identity": HeaderIdentity()})
