@@ -29,6 +29,7 @@ class WorkerProcess:
     channel: SupervisorChannel
     started: float
     state: str = "starting"  # starting -> ready -> draining
+    accepting: bool = True  # False once a draining worker says its listeners are closed
     last_beat: float = 0.0
     ready_at: float | None = None
     requests: int = 0
@@ -68,6 +69,7 @@ class Rollout:
     replacement: WorkerProcess | None = None
     deadline: float = 0.0
     done: list[int] = field(default_factory=list)
+    replaced: list[WorkerProcess] = field(default_factory=list)  # told to drain by this rollout
 
 
 def crash_delay(crashes: int) -> float:

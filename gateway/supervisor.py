@@ -302,6 +302,8 @@ class Supervisor:
                 worker.requests, worker.rss = message.get("requests", 0), message.get("rss", 0)
             elif kind == "failed":
                 worker.failure = message.get("message", "start-up failed")
+            elif kind == "closed":
+                worker.accepting = False
             elif kind == "recycle" and worker.state == "ready":
                 self.request_recycle(worker, message.get("reason", "recycle"))
 
@@ -477,6 +479,7 @@ class Supervisor:
         replacement = rollout.replacement
         if replacement.state == "ready":
             self.switch_slot(rollout)
+            self.start_next_replacement(rollout, now)  # at once: no waiting for the next wake-up
         elif replacement.pid not in self.workers or now > rollout.deadline:
             reason = replacement.failure or replacement.exit_reason or "it did not report ready in time"
             _kill(replacement.pid, signal.SIGKILL)
@@ -486,7 +489,10 @@ class Supervisor:
         while rollout.pending and self.slot(rollout.pending[0]) is None:
             rollout.pending.popleft()
         if not rollout.pending:
-            self.rollout_finished(rollout)
+            # Done once no replaced worker accepts any more, so that every connection made after
+            # the reload is reported goes to the new configuration.
+            if not any(old.accepting and old.pid in self.workers for old in rollout.replaced):
+                self.rollout_finished(rollout)
             return
         slot = self.slot(rollout.pending.popleft())
         rollout.current = slot.index
@@ -498,6 +504,7 @@ class Supervisor:
         old, slot.worker = slot.worker, rollout.replacement
         if old is not None and old.pid in self.workers:
             self.drain(old)
+            rollout.replaced.append(old)
         rollout.done.append(slot.index)
         rollout.current, rollout.replacement = None, None
 

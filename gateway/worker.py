@@ -344,12 +344,20 @@ class Worker:
         gateway.draining = True
         gateway.ready = False
         loop = gateway.loop
-        for listener, _ in servers:
-            for sock in listener.sockets:
-                _stop_reading(loop, sock)
-        await asyncio.sleep(ACCEPT_SETTLE_SECONDS)
+        if not _is_uvloop(loop):
+            # asyncio's Server.close() races with connections it is accepting: stop reading the
+            # listeners first and let accepted connections settle (research: 0 resets this way).
+            for listener, _ in servers:
+                for sock in listener.sockets:
+                    _stop_reading(loop, sock)
+            await asyncio.sleep(ACCEPT_SETTLE_SECONDS)
+        # uvloop accepts inside libuv (remove_reader does not stop it) and hands each accepted
+        # connection over at once, so closing is immediate there. The supervisor keeps each socket
+        # and its accept queue open for the slot's next worker either way.
         for listener, _ in servers:
             listener.close()
+        if self._channel is not None:
+            self._channel.send("closed")  # the supervisor reports a reload done only after this
         await gateway.drain_plugins()
         deadline = loop.time() + gateway.settings.server.graceful_timeout
         if not self._immediate:
@@ -423,6 +431,10 @@ def _stores(settings: StoreSettings, store_path: str | None) -> tuple[Store, Sto
         from .store.redis import RedisStore
         return local, RedisStore(settings)
     return local, local
+
+
+def _is_uvloop(loop: asyncio.AbstractEventLoop) -> bool:
+    return type(loop).__module__.startswith("uvloop")
 
 
 def _stop_reading(loop: asyncio.AbstractEventLoop, sock: Any) -> None:
