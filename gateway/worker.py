@@ -53,6 +53,7 @@ from .upstream.resolver import Resolver
 log = logging.getLogger("plugway.worker")
 DISCOVERY_WAIT_SECONDS = 5.0
 DRAIN_IDLE_SECONDS = 1.0
+REFUSAL_LOG_INTERVAL = 1.0
 ACCEPT_SETTLE_SECONDS = 0.05
 
 
@@ -105,6 +106,7 @@ class Gateway:
         # Plugins add functions name -> dict of extra fields for the admin /upstreams view.
         self.upstream_annotations: list[Callable[[str], dict[str, Any]]] = []
         self._tasks: set[asyncio.Task] = set()
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # reason -> (last logged, unlogged since)
         self._discoveries: list[Discovery] = []
 
     def admit_connection(self, peer_ip: str) -> bytes | None:
@@ -130,9 +132,19 @@ class Gateway:
             del self.connections_by_ip[peer_ip]
 
     def refused(self, peer_ip: str, reason: str) -> None:
-        """A connection turned away before any request: counted and logged."""
+        """A connection turned away before any request: counted, and logged at most once a second
+        per reason (with how many went unlogged), so a client reconnecting in a loop cannot flood
+        the log."""
         self.metrics.connections_refused.labels(reason).inc()
-        log.info("refused a connection from %s: %s", peer_ip, reason, extra={"reason": reason})
+        now = self.loop.time()
+        logged_at, unlogged = self._refusals_logged.get(reason, (-REFUSAL_LOG_INTERVAL, 0))
+        if now - logged_at < REFUSAL_LOG_INTERVAL:
+            self._refusals_logged[reason] = (logged_at, unlogged + 1)
+            return
+        self._refusals_logged[reason] = (now, 0)
+        more = f" (and {unlogged} more since the last such line)" if unlogged else ""
+        log.info("refused a connection from %s: %s%s", peer_ip, reason, more,
+                 extra={"reason": reason, "unlogged": unlogged})
 
     def reopen_logs(self) -> None:
         if self.access_log is not None:

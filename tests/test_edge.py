@@ -1,6 +1,7 @@
 """Slow, greedy and early clients at the gateway's door."""
 
 import asyncio
+import logging
 import time
 
 from support import async_wait_until, http_response, raw_exchange, route_config
@@ -103,6 +104,22 @@ async def test_connection_caps_per_address_and_per_worker(plugway_gateway, raw_u
     metrics = gateway.gateway.metrics.exposition().decode()
     assert 'plugway_connections_refused_total{reason="max_connections_per_ip"} 1.0' in metrics
     assert 'plugway_connections_refused_total{reason="max_connections"} 1.0' in metrics
+
+
+async def test_refused_connections_are_logged_at_most_once_a_second_per_reason(plugway_gateway, raw_upstream, caplog):
+    caplog.set_level(logging.INFO, logger="plugway.worker")
+    upstream = await raw_upstream(lambda request: http_response())
+    gateway = await plugway_gateway(route_config(upstream.url, server="max_connections_per_ip = 1"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)  # holds the one allowed
+    writer.write(b"GET /api/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    await reader.readuntil(b"\r\n\r\nok")
+    started = asyncio.get_running_loop().time()
+    for _ in range(30):
+        assert (await raw_exchange(gateway.port, b"GET /api/x HTTP/1.1\r\nHost: h\r\n\r\n")).startswith(b"HTTP/1.1 503")
+    seconds = asyncio.get_running_loop().time() - started
+    lines = [record for record in caplog.records if record.getMessage().startswith("refused a connection")]
+    assert 1 <= len(lines) <= int(seconds) + 1  # not one line per refusal
+    writer.close()
 
 
 async def test_a_refusal_goes_out_before_the_client_sends_its_body(plugway_gateway, raw_upstream):
