@@ -42,6 +42,7 @@ from .slots import (
     Rollout, Slot, WorkerProcess, crash_delay, crashes_after_death, exit_reason, is_stuck, requests_limit,
 )
 from .sockets import bind_listener
+from .tls import CertificateError, listener_contexts
 
 log = logging.getLogger("plugway.supervisor")
 SIGNALS = {
@@ -75,6 +76,7 @@ class Supervisor:
         self.workers: dict[int, WorkerProcess] = {}
         self.admin_socket: socket.socket | None = None
         self.store_pid: int | None = None
+        self._tls: dict[int, tuple[GatewaySettings, dict[str, Any]]] = {}  # see tls_contexts()
         self.rollout: Rollout | None = None
         self.recycle_queue: deque[int] = deque()
         self.reload_pending = False
@@ -126,6 +128,10 @@ class Supervisor:
         os.set_blocking(self._wakeup_read, False)
         os.set_blocking(self._wakeup_write, False)
         signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
+        try:
+            self.tls_contexts(self.settings)
+        except (CertificateError, OSError) as exc:
+            raise HaltServer(f"cannot load a TLS certificate: {exc}", status=1) from None
         try:
             if self.settings.admin.listen:
                 self.admin_socket = bind_listener(self.settings.admin.listen, backlog=128, reuse_port=False)
@@ -201,11 +207,12 @@ class Supervisor:
     # --- workers --------------------------------------------------------------------------------
 
     def spawn(self, slot: Slot, settings: GatewaySettings, generation: int) -> WorkerProcess:
+        tls = self.tls_contexts(settings)
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker; it never returns from here
             os.close(read_fd)
-            self._become_worker(slot, settings, write_fd)
+            self._become_worker(slot, settings, tls, write_fd)
         os.close(write_fd)
         now = time.monotonic()
         worker = WorkerProcess(pid, slot.index, generation, SupervisorChannel(read_fd), now, last_beat=now)
@@ -215,7 +222,7 @@ class Supervisor:
                  extra={"pid": pid, "slot": slot.index})
         return worker
 
-    def _become_worker(self, slot: Slot, settings: GatewaySettings, channel_fd: int) -> None:
+    def _become_worker(self, slot: Slot, settings: GatewaySettings, tls: dict[str, Any], channel_fd: int) -> None:
         status = EXIT_BOOT_FAILED
         try:
             self._leave_supervisor(keep=slot)
@@ -224,12 +231,25 @@ class Supervisor:
             limit = requests_limit(settings.server.max_requests, settings.server.max_requests_jitter, random.random())
             status = run_worker_process(
                 settings, listeners, self.admin_socket, channel_fd, limit, self.status_file, str(self.store_path),
-                runs_health_checks=slot.index == 0,
+                runs_health_checks=slot.index == 0, tls_contexts=tls,
             )
         except BaseException:
             log.exception("worker failed")
         finally:
             os._exit(status)
+
+    def tls_contexts(self, settings: GatewaySettings) -> dict[str, Any]:
+        """The TLS contexts of a configuration's listeners, built once, before its workers are
+        forked: every worker of a generation then shares the session ticket keys, so a client
+        resumes its TLS session whichever worker the kernel hands its next connection to. A
+        reload builds new ones from the files (certificate renewal)."""
+        entry = self._tls.get(id(settings))
+        if entry is None or entry[0] is not settings:
+            entry = (settings, listener_contexts(settings.server.listeners))
+            keep = {id(self.settings), id(self.rollout.settings) if self.rollout else None}
+            self._tls = {key: value for key, value in self._tls.items() if key in keep}
+            self._tls[id(settings)] = entry
+        return entry[1]
 
     def _leave_supervisor(self, keep: Slot | None) -> None:
         """In a freshly forked child: die with the supervisor, default signal handling, and none of
@@ -433,9 +453,13 @@ class Supervisor:
         systemd.notify("STATUS=reloading")
         try:
             settings = config.load(self.config_path)
+            self.tls_contexts(settings)
             for slot in self.slots:
                 self.bind_slot(slot, settings)
             self.rebind_admin(settings)
+        except CertificateError as exc:
+            self.finish_reload(False, [f"cannot load a TLS certificate: {exc}"])
+            return
         except (ConfigErrors, OSError) as exc:
             errors = [str(e) for e in exc.errors] if isinstance(exc, ConfigErrors) else [f"cannot listen: {exc}"]
             self.finish_reload(False, errors)

@@ -1,9 +1,13 @@
-"""TLS termination: certificates chosen by SNI, loaded by the workers.
+"""TLS termination: certificates chosen by SNI.
 
-Each worker builds its own ``ssl.SSLContext`` from the files named in the
-configuration, so a reload (``HUP``, ``systemctl reload``) picks up renewed
-certificates with the rolling replacement and no dropped connection; the
-supervisor only owns the TCP sockets. A certificate is checked when the
+The supervisor builds each configuration's ``ssl.SSLContext`` objects from the
+files named in it before forking that configuration's workers, as nginx's
+master does: every worker of a generation then shares the session ticket keys
+(OpenSSL makes them when a context is created), so a client resumes its TLS
+session whichever worker the kernel gives its next connection to. A reload
+(``HUP``, ``systemctl reload``) builds new contexts, picking up renewed
+certificates with the rolling replacement and no dropped connection. A
+certificate is checked when the
 configuration is loaded (``plugway check``, and the supervisor on reload): an
 unreadable file, a key that does not match, a certificate past its end date
 or not yet valid is an error naming its TOML path, and a reload keeps the
@@ -19,7 +23,8 @@ from __future__ import annotations
 
 import datetime
 import ssl
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import ExtensionOID
@@ -55,7 +60,7 @@ def check_certificate(cert_path: str, key_path: str, *, now: datetime.datetime |
         raise CertificateError(f"{cert_path} is not valid before {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert_path, key_path)
+        context.load_cert_chain(cert_path, key_path, password=_no_passphrase(key_path))
     except ssl.SSLError as exc:
         raise CertificateError(f"{key_path} does not match {cert_path} or cannot be read ({exc.reason})") from None
     except OSError as exc:
@@ -70,6 +75,17 @@ def _load_certificate(path: str) -> x509.Certificate:
         raise CertificateError(f"cannot read {path}: {exc.strerror}") from None
     except ValueError:
         raise CertificateError(f"{path} is not a PEM certificate") from None
+
+
+def listener_contexts(listeners: Iterable[Any]) -> dict[str, ssl.SSLContext]:
+    """{address: context} for the listeners (``ListenerSettings``) that terminate TLS."""
+    contexts = {}
+    for listener in listeners:
+        tls = listener.tls
+        if tls is not None:
+            certificates = [(c.cert, c.key, c.server_names) for c in tls.certificates]
+            contexts[listener.address] = server_context(certificates, tls.min_version, tls.ciphers, tls.alpn)
+    return contexts
 
 
 def server_context(
@@ -106,5 +122,14 @@ def _context(cert: str, key: str, min_version: str, ciphers: str | None, alpn: S
     if ciphers:
         context.set_ciphers(ciphers)
     context.set_alpn_protocols(list(alpn))
-    context.load_cert_chain(cert, key)
+    context.load_cert_chain(cert, key, password=_no_passphrase(key))
     return context
+
+
+def _no_passphrase(key_path: str) -> Callable[[], str]:
+    """A password callback that refuses: without one, OpenSSL prompts on the terminal for an
+    encrypted key and a check or a start hangs."""
+    def refuse() -> str:
+        raise CertificateError(f"{key_path} is encrypted with a passphrase; give an unencrypted key "
+                               "(readable by the plugway user only)")
+    return refuse

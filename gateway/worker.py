@@ -30,7 +30,7 @@ import aiodns
 
 from .accesslog import AccessLog
 from .admin import start_admin
-from .config.model import GatewaySettings, ListenerSettings, StoreSettings, TlsSettings
+from .config.model import GatewaySettings, ListenerSettings, StoreSettings
 from .config.schema import ConfigErrors
 from .context import RequestContext
 from .errors import GatewayError
@@ -44,7 +44,7 @@ from .routing import Router, compile_route
 from .server import CONNECTION_REFUSED, ListenerServer, require_c_parser
 from .store import InProcessStore, Store
 from .store.local import LocalStore
-from .tls import server_context
+from .tls import listener_contexts
 from .upstream import Upstream
 from .upstream.discovery import Discovery
 from .upstream.health import HealthChecker, watch_health
@@ -253,8 +253,12 @@ class Worker:
         status_file: Path | None = None,
         store_path: str | None = None,
         runs_health_checks: bool = True,
+        tls_contexts: dict[str, Any] | None = None,
     ) -> None:
         self.settings = settings
+        # Built by the supervisor before forking (shared ticket keys), else here.
+        self._tls_contexts = tls_contexts if tls_contexts is not None else listener_contexts(
+            listener for _, listener in listeners)
         self._store_path = store_path
         self._runs_health_checks = runs_health_checks
         self.listeners = listeners
@@ -345,7 +349,7 @@ class Worker:
             access_log=None,
             lingering_time=2.0,
         )
-        context = tls_context(listener.tls) if listener.tls is not None else None
+        context = self._tls_contexts.get(listener.address)
         serving = await gateway.loop.create_server(
             handler, sock=sock, backlog=server.backlog, ssl=context,
             ssl_handshake_timeout=server.client_header_timeout if context else None,
@@ -392,6 +396,7 @@ def run_worker_process(
     status_file: Path,
     store_path: str,
     runs_health_checks: bool,
+    tls_contexts: dict[str, Any],
 ) -> int:
     """The body of a forked worker process; returns its exit status."""
     setup_logging(settings.log.level)
@@ -405,6 +410,7 @@ def run_worker_process(
     worker = Worker(
         settings, listeners, admin_socket, plugins=plugins, channel=channel, request_limit=request_limit,
         status_file=status_file, store_path=store_path, runs_health_checks=runs_health_checks,
+        tls_contexts=tls_contexts,
     )
     try:
         worker.run()
@@ -425,12 +431,6 @@ def _rss_bytes() -> int:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
-
-
-def tls_context(tls: TlsSettings):
-    """This worker's SSL context for a listener, read from the certificate files now."""
-    certificates = [(c.cert, c.key, c.server_names) for c in tls.certificates]
-    return server_context(certificates, tls.min_version, tls.ciphers, tls.alpn)
 
 
 def _stores(settings: StoreSettings, store_path: str | None) -> tuple[Store, Store]:

@@ -2,6 +2,7 @@
 
 import asyncio
 import datetime
+import socket
 import ssl
 import subprocess
 import textwrap
@@ -131,12 +132,17 @@ def test_check_refuses_expired_and_mismatched_certificates(tmp_path, authority):
     expired = authority.issue("expired", "a.example", days=-1, start_days_ago=10)
     good = authority.issue("good", "a.example")
     other_key = authority.issue("other", "b.example")[1]
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(serialization.load_pem_private_key(open(good[1], "rb").read(), None).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.BestAvailableEncryption(b"pw")))
     for certificate, key, reason in ((expired[0], expired[1], "expired on"),
                                       (good[0], other_key, "does not match"),
-                                      (str(tmp_path / "missing.pem"), good[1], "cannot read")):
+                                      (str(tmp_path / "missing.pem"), good[1], "cannot read"),
+                                      (good[0], str(encrypted), "is encrypted with a passphrase")):
         path = tmp_path / "tls.toml"
         path.write_text(tls_config("http://127.0.0.1:9", [(certificate, key)]))
-        result = subprocess.run([PLUGWAY, "check", "-c", str(path)], capture_output=True, text=True)
+        result = subprocess.run([PLUGWAY, "check", "-c", str(path)], capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=60)  # an OpenSSL passphrase prompt would hang
         assert result.returncode == 2
         assert "server.listen[0].tls.certificates[0].cert:" in result.stderr and reason in result.stderr
 
@@ -183,3 +189,21 @@ def test_a_reload_with_a_broken_certificate_keeps_the_old_one(plugway_process, a
     result = gateway.cli("reload")
     assert result.returncode == 1
     assert "cannot read" in result.stderr and gateway.status()["generation"] == 1
+
+
+def test_tls_sessions_resume_whichever_worker_takes_the_next_connection(plugway_process, authority):
+    """The supervisor builds the contexts before forking, so the workers share session ticket keys."""
+    cert, key, _ = authority.issue("resume", "a.example")
+    gateway = plugway_process(tls_config("http://127.0.0.1:9", [(cert, key)]).replace("[server]", "[server]\nworkers = 2"))
+    gateway.wait_for_workers(2)
+    context = authority.client_context()
+    session, resumed = None, []
+    for _ in range(20):  # the kernel spreads them over both workers (source ports differ)
+        with socket.create_connection(("127.0.0.1", gateway.port)) as raw, \
+                context.wrap_socket(raw, server_hostname="a.example", session=session) as tls:
+            tls.sendall(b"GET /api/x HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n")
+            while tls.recv(65536):
+                pass
+            resumed.append(tls.session_reused)
+            session = tls.session
+    assert resumed == [False] + [True] * 19
