@@ -114,6 +114,7 @@ class Supervisor:
                 self.report()
         except HaltServer as halt:
             log.error("stopping: %s", halt.reason)
+            self.stopping = "halt"  # the workers' exits are now expected, not a new failure
             systemd.notify("STOPPING=1", f"STATUS=failed: {halt.reason}")
             self.kill_all(signal.SIGKILL)
             self.stop_store()

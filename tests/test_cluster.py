@@ -5,13 +5,15 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import aiohttp
 import pytest
 from aiohttp import web
 
-from support import async_wait_until, http_response, route_config, wait_until
+from gateway.testing import PlugwayProcess
+from support import PLUGWAY, async_wait_until, http_response, route_config, wait_until
 from load import constant_load
 
 
@@ -278,3 +280,13 @@ async def test_kill_9_under_load_loses_at_most_the_in_flight_requests(plugway_pr
     # 100 req/s with 50 ms upstream latency: about 5 in flight per worker at the moment of the kill.
     assert result.failed <= 15, result
     assert result.outcomes["200"] >= result.sent - 15
+
+
+def test_a_worker_that_cannot_start_stops_the_supervisor_with_one_clear_error(tmp_path, upstream_url):
+    config = route_config(upstream_url, server="workers = 2") + '[plugins.sample]\nfail_start = "no database"\n'
+    process = PlugwayProcess(tmp_path, config)
+    result = subprocess.run([PLUGWAY, "run", "-c", str(process.config_path)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    assert "a worker failed to start: RuntimeError: no database" in result.stderr
+    assert "HaltServer" not in result.stderr  # no second traceback from the supervisor's own clean-up

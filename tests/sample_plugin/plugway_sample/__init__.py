@@ -20,6 +20,7 @@ class SampleSettings:
     refuse_with: int | None = setting(None, doc="Answer every request with this status instead of proxying.")
     fallback_status: int | None = setting(None, doc="Answer with this status when the upstream fails.")
     body_suffix: str | None = setting(None, doc="Append this text to response bodies.")
+    fail_start: str | None = setting(None, doc="Fail the worker's start-up with this message.")
 
 
 class SampleRefused(GatewayError):
@@ -34,6 +35,9 @@ def declare_plugin():
 @hookimpl
 async def worker_started(gateway):
     EVENTS.append("worker_started")
+    for settings in gateway.plugin_settings("sample").values():
+        if settings.fail_start:
+            raise RuntimeError(settings.fail_start)
 
 
 @hookimpl
