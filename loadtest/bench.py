@@ -10,6 +10,10 @@ configuration started fresh, warmed up with wrk (discarded), measured with wrk, 
     e  the gateway with the plugin tables of loadtest/plugins.toml (skipped while it has none)
     f  the gateway, no plugins, 1 worker: d/f is how the gateway scales with workers
 
+With --per-plugin, also (round-robin with d, after the configurations selected) the gateway with
+each [plugins.NAME] table of loadtest/plugins.toml alone, reported as a second table: each plugin's
+cost against d. A plugin that is not installed or does not start is reported as skipped.
+
 Everything listens on 127.0.0.1 only. Every process is started in its own process group and the
 group is stopped (SIGTERM, then SIGKILL) when the run ends, fails or is interrupted.
 Progress goes to stderr, the report to stdout. See loadtest/README.md.
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
+import json
 import os
 import platform
 import re
@@ -31,12 +37,16 @@ import sys
 import tempfile
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import tomli_w
+
 from harness import (
     HOST, ROOT, VENV_BIN, BenchError, all_ticks, cpu_ticks, foreign_cpu, free_port,
-    http_get, log, process_tree, spawn, stop, stop_all, tail, wait_exit, wait_ready,
+    http_get, log, process_tree, spawn, spawn_nginx, start_nginx_upstream, stop, stop_all, tail, wait_exit,
+    wait_ready,
 )
 
 LOADTEST = ROOT / "loadtest"
@@ -84,9 +94,12 @@ def parse_wrk(text: str) -> WrkResult:
     )
 
 
-def wrk(port: int, seconds: float, logfile: Path) -> WrkResult:
-    cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--latency", "--timeout", "5s",
-           f"http://{HOST}:{port}/"]
+def wrk(port: int, seconds: float, logfile: Path, *, scheme: str = "http",
+        headers: Sequence[str] = ()) -> WrkResult:
+    """wrk -t1 -c64 against GET scheme://127.0.0.1:port/, with extra headers ("Name: value")."""
+    extra = [arg for header in headers for arg in ("-H", header)]
+    cmd = ["wrk", "-t1", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--latency", "--timeout", "5s", *extra,
+           f"{scheme}://{HOST}:{port}/"]
     out = logfile.with_suffix(".wrk")
     out.unlink(missing_ok=True)
     proc = spawn(cmd, out)
@@ -113,6 +126,7 @@ class Config:
     start_s: list[float] = field(default_factory=list)
     foreign: list[float] = field(default_factory=list)  # % of a core used by other processes
     skipped: str = ""
+    plugin: str = ""  # --per-plugin: the one plugin enabled (its table from plugins.toml); "" for a-f
 
 
 class Bench:
@@ -127,24 +141,10 @@ class Bench:
     # nginx ----------------------------------------------------------------------------------
 
     def start_nginx(self, name: str, port: int) -> subprocess.Popen:
-        text = (LOADTEST / "nginx" / f"{name}.conf").read_text()
-        text = text.replace("@PORT@", str(port)).replace("@UPSTREAM_PORT@", str(self.upstream_port))
-        text = text.replace("@DIR@", str(self.dir))
-        conf = self.dir / f"{name}.conf"
-        conf.write_text(text)
-        logfile = self.dir / f"{name}.log"
-        cmd = [self.nginx, "-p", f"{self.dir}/", "-c", str(conf), "-e", str(self.dir / f"{name}.err"),
-               "-g", "worker_processes 1;"]
-        return spawn(cmd, logfile)
+        return spawn_nginx(name, port, self.dir, self.upstream_port, self.nginx)
 
     def start_upstream(self) -> None:
-        self.upstream_port = free_port()
-        logfile = self.dir / "upstream.log"
-        self.upstream = self.start_nginx("upstream", self.upstream_port)
-        wait_ready(self.upstream, self.upstream_port, "/", logfile, "the upstream nginx")
-        status, body = http_get(self.upstream_port)
-        if status != 200 or len(body) != 100:
-            raise BenchError(f"the upstream answered {status} with {len(body)} bytes, expected 200 with 100")
+        self.upstream, self.upstream_port = start_nginx_upstream(self.dir, self.nginx)
 
     # gateway --------------------------------------------------------------------------------
 
@@ -172,11 +172,27 @@ upstream = "up"
 
     def start_gateway(self, port: int, with_plugins: bool, workers: int, tag: str) -> tuple[subprocess.Popen, float]:
         admin_port = free_port()
+        return self.launch_gateway(self.gateway_config(port, admin_port, with_plugins, workers), admin_port, tag)
+
+    def start_plugin_gateway(self, name: str, port: int, tag: str) -> tuple[subprocess.Popen, float]:
+        """The gateway of d with only plugin `name` enabled, with its table from plugins.toml."""
+        admin_port = free_port()
+        text = self.gateway_config(port, admin_port, False, self.args.workers)
+        text += f"\n# [plugins.{name}] from loadtest/plugins.toml\n" + single_plugin_toml(name, self.plugin_tables[name])
+        return self.launch_gateway(text, admin_port, tag)
+
+    def launch_gateway(self, text: str, admin_port: int, tag: str) -> tuple[subprocess.Popen, float]:
+        """plugway run with configuration text; returns once /ready answers on admin_port (stops it
+        if it does not)."""
         conf = self.dir / f"gateway-{tag}.toml"
-        conf.write_text(self.gateway_config(port, admin_port, with_plugins, workers))
+        conf.write_text(text)
         logfile = self.dir / f"gateway-{tag}.log"
         proc = spawn([str(VENV_BIN / "plugway"), "run", "-c", str(conf)], logfile)
-        ready = wait_ready(proc, admin_port, "/ready", logfile, f"the gateway ({conf.name})")
+        try:
+            ready = wait_ready(proc, admin_port, "/ready", logfile, f"the gateway ({conf.name})")
+        except BaseException:
+            stop(proc)
+            raise
         return proc, ready
 
     # one run --------------------------------------------------------------------------------
@@ -200,7 +216,10 @@ upstream = "up"
     def run_once(self, config: Config, round_no: int) -> None:
         key = config.key
         tag = f"{key}{round_no}"
-        if key == "a":
+        if config.plugin:
+            port = free_port()
+            proc, ready = self.start_plugin_gateway(config.plugin, port, tag)
+        elif key == "a":
             proc, port, logfile, ready = self.upstream, self.upstream_port, self.dir / "upstream.log", 0.0
         else:
             port = free_port()
@@ -209,7 +228,8 @@ upstream = "up"
             status, body = http_get(port)
             if status != 200:
                 log(f"  warning: config {key}: GET / answered {status}: {body[:200]!r}")
-            wrk(port, self.args.warmup, self.dir / f"{tag}-warmup.log")
+            if self.args.warmup:  # wrk refuses -d0s
+                wrk(port, self.args.warmup, self.dir / f"{tag}-warmup.log")
             tree = process_tree(proc.pid)
             before, machine_before, started = cpu_ticks(proc.pid), all_ticks(), time.monotonic()
             result = wrk(port, self.args.duration, self.dir / f"{tag}.log")
@@ -236,6 +256,15 @@ upstream = "up"
         if foreign > FOREIGN_WARN:
             log(f"  warning: processes this run did not start used {foreign:.0f}% of a core during it "
                 f"({busiest}): the machine is busy, numbers are unreliable")
+
+    def run_plugin_once(self, config: Config, round_no: int) -> None:
+        """run_once for a --per-plugin configuration: a failure skips that plugin, not the run."""
+        try:
+            self.run_once(config, round_no)
+        except BenchError as error:
+            logfile = self.dir / f"gateway-{config.key}{round_no}.log"
+            config.skipped = f"round {round_no}: {failure_reason(error, logfile)}"
+            log(f"  round {round_no} {config.key}: skipped ({config.skipped})")
 
     def k6(self) -> str:
         port = free_port()
@@ -274,6 +303,47 @@ def bundled_plugins() -> list[str]:
     return sorted(p.parent.name for p in (ROOT / "plugins").glob("*/pyproject.toml"))
 
 
+def single_plugin_toml(name: str, table: dict) -> str:
+    """The TOML of plugins.toml's [plugins.NAME] table alone (same settings, comments dropped)."""
+    return tomli_w.dumps({"plugins": {name: table}})
+
+
+def plugin_configs(tables: dict) -> dict[str, Config]:
+    """--per-plugin: one configuration per [plugins.NAME] table; not installed ones skipped."""
+    installed = {entry.name for entry in importlib.metadata.entry_points(group="plugway")}
+    configs = {}
+    for name in tables:
+        config = Config("+" + re.sub(r"[^\w.-]", "_", name), f"gateway + {name}", plugin=name)
+        if name not in installed and "." not in name:  # a dotted name is imported as a module
+            config.skipped = f"not installed (no `plugway` entry point named {name})"
+            log(f"per-plugin {name}: skipped, {config.skipped}")
+        configs[name] = config
+    return configs
+
+
+def failure_reason(error: BenchError, logfile: Path) -> str:
+    """One line for a run that failed: the first error the gateway logged (the cause; a traceback
+    may follow it), else the first and last lines of the error."""
+    try:
+        logged = logfile.read_text(errors="replace").splitlines()
+    except OSError:
+        logged = []
+    for line in logged:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") in ("error", "critical") and entry.get("message"):
+            return _shorten(str(entry["message"]))
+    lines = [line for line in str(error).splitlines() if line.strip()] or ["failed"]
+    return _shorten(lines[0] if len(lines) == 1 else f"{lines[0]} … {lines[-1]}")
+
+
+def _shorten(text: str, limit: int = 200) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 # -- report ------------------------------------------------------------------------------------
 
 def median_range(values: list[float], fmt: str) -> str:
@@ -300,7 +370,7 @@ def errors_text(config: Config) -> str:
 
 
 def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_line: str | None,
-           markdown: bool) -> str:
+           markdown: bool, plugins: dict[str, Config] | None = None) -> str:
     args = bench.args
     rows = []
     for config in configs.values():
@@ -358,6 +428,9 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
         out += [f"- {k}: {v}" for k, v in header.items() if k not in ("date", "nproc", "command")]
         out += [f"- {note}" for note in notes] + [""]
         out += _md_table(titles, rows) + [""] + _md_table(["ratio", "median (min–max)"], ratio_rows)
+        if plugins is not None:
+            out += ["", "Plugin cost (`--per-plugin`):", ""] + _md_table(*plugin_cost_rows(configs, plugins, True))
+            out += [""] + [f"- {note}" for note in PLUGIN_NOTES]
         if k6_line:
             out += ["", f"k6 `loadtest/k6/bare.js` against d, {args.k6_rate} req/s for {args.k6_duration:g} s:", "",
                     f"    {k6_line}"]
@@ -366,10 +439,62 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
            f"command: {header['command']}"]
     out += [f"{k}: {v}" for k, v in header.items() if k not in ("date", "nproc", "kernel", "command")]
     out += [""] + _text_table(titles, rows) + [""] + _text_table(["ratio", "median (min–max)"], ratio_rows)
+    if plugins is not None:
+        out += ["", "plugin cost (--per-plugin):"] + _text_table(*plugin_cost_rows(configs, plugins, False))
+        out += [f"  {name} skipped: {config.skipped}" for name, config in plugins.items() if config.skipped]
     if k6_line:
         out += ["", f"k6 bare.js against d, {args.k6_rate} req/s for {args.k6_duration:g} s:", f"  {k6_line}"]
     out += [""] + [f"* {note.replace('`', '')}" for note in notes]
+    if plugins is not None:
+        out += [f"* plugin cost: {note.replace('`', '')}" for note in PLUGIN_NOTES]
     return "\n".join(out) + "\n"
+
+
+PLUGIN_NOTES = [
+    "Each plugin alone: the gateway of d (same workers and settings) plus that plugin's `[plugins.NAME]` "
+    "table from loadtest/plugins.toml, nothing else; every round runs them after the selected configurations.",
+    "plugin/d: per round, the plugin's req/s over d's of the same round, median (min–max). CPU µs/req vs d: "
+    "the difference of the medians. Errors other than 0 mean the plugin refused wrk's requests: its "
+    "settings in plugins.toml must let a plain GET / through.",
+]
+
+
+def plugin_cost_rows(configs: dict[str, Config], plugins: dict[str, Config],
+                     markdown: bool) -> tuple[list[str], list[list[str]]]:
+    """Titles and rows of the plugin cost table: d for reference, then one row per plugin."""
+    titles = ["plugin", "req/s median (min–max)", "CPU µs/req", "CPU µs/req vs d", "plugin/d median (min–max)",
+              "foreign CPU % (max)", "errors"]
+    d = configs.get("d")
+    d_cpu = statistics.median(d.cpu_us_per_req) if d and d.cpu_us_per_req else None
+    rows = []
+    if d:
+        rows.append(["(none: d)", median_range([r.rps for r in d.runs], ",.0f"),
+                     median_range(d.cpu_us_per_req, ".0f"), "", "1.00x", _max_text(d.foreign), errors_text(d)])
+    if not plugins:
+        rows.append(["–", "no [plugins.*] table in loadtest/plugins.toml", "", "", "", "", ""])
+    for name, config in plugins.items():
+        if config.skipped:  # the text table gives the reason below it, to keep its columns narrow
+            text = "skipped: " + config.skipped.replace("|", "\\|") if markdown else "skipped (below)"
+            rows.append([name, text, "", "", "", "", ""])
+            continue
+        cpu = statistics.median(config.cpu_us_per_req) if config.cpu_us_per_req else None
+        values = [x.rps / y.rps for x, y in zip(config.runs, d.runs) if y.rps] if d else []
+        rows.append([name, median_range([r.rps for r in config.runs], ",.0f"),
+                     median_range(config.cpu_us_per_req, ".0f"),
+                     f"{cpu - d_cpu:+.0f}" if cpu is not None and d_cpu is not None else "–",
+                     _ratio_text(values), _max_text(config.foreign), errors_text(config)])
+    return titles, rows
+
+
+def _ratio_text(values: list[float]) -> str:
+    if not values:
+        return "–"
+    med = statistics.median(values)
+    return f"{med:.2f}x" + (f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else "")
+
+
+def _max_text(values: list[float]) -> str:
+    return f"{max(values):.0f}" if values else "–"
 
 
 def _md_table(titles: list[str], rows: list[list[str]]) -> list[str]:
@@ -435,12 +560,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--k6", action="store_true", help="also run loadtest/k6/bare.js once against d")
     ap.add_argument("--k6-rate", type=int, default=500, help="req/s for --k6 (default 500)")
     ap.add_argument("--k6-duration", type=float, default=15.0, help="seconds for --k6 (default 15)")
+    ap.add_argument("--per-plugin", action="store_true",
+                    help="also run the gateway with each [plugins.NAME] table of loadtest/plugins.toml alone, "
+                         "and report each plugin's cost against d (d is added to --only if missing)")
     args = ap.parse_args(argv)
     args.argv = argv
     only = {letter for letter in args.only.lower() if letter not in ", "}
     unknown = only - set(CONFIG_ORDER)
     if unknown or not only:
         ap.error(f"--only takes letters among {','.join(CONFIG_ORDER)}, not {args.only!r}")
+    if args.per_plugin and "d" not in only:
+        only.add("d")  # every plugin's cost is measured against d, round by round
+        log("--per-plugin: config d added (each plugin is compared with it)")
     args.only = [key for key in CONFIG_ORDER if key in only]
     for name, low, high in (("rounds", 1, 50), ("duration", 1, 600), ("warmup", 0, 60), ("workers", 1, 64),
                             ("k6_rate", 1, 5000), ("k6_duration", 1, 600)):
@@ -474,19 +605,28 @@ def main(argv: list[str]) -> int:
             if missing:
                 log(f"note: bundled plugins not in loadtest/plugins.toml: {', '.join(missing)}")
                 header["plugins (e)"] += f" (not enabled: {', '.join(missing)})"
+        plugins = plugin_configs(bench.plugin_tables) if args.per_plugin else None
+        if plugins is not None:
+            header["per-plugin"] = ", ".join(plugins) or "none"
+            untabled = [name for name in bundled if name not in plugins]
+            if untabled:  # bundled, but plugins.toml gives them no settings: not measured
+                header["per-plugin"] += f" (no table in plugins.toml: {', '.join(untabled)})"
         log(f"scratch directory (configs and logs): {workdir}")
         bench.start_upstream()
         active = [c for c in configs.values() if not c.skipped]
         for round_no in range(1, args.rounds + 1):
             for config in active:
                 bench.run_once(config, round_no)
+            for config in (plugins or {}).values():
+                if not config.skipped:
+                    bench.run_plugin_once(config, round_no)
         k6_line = None
         if args.k6:
             log(f"k6: loadtest/k6/bare.js against a fresh gateway (d), {args.k6_rate} req/s "
                 f"for {args.k6_duration:g}s")
             k6_line = bench.k6()
             log(f"  {k6_line}")
-        print(report(bench, configs, header, k6_line, args.markdown), end="")
+        print(report(bench, configs, header, k6_line, args.markdown, plugins), end="")
         return 0
     except BenchError as error:
         log(f"scripts/bench: {error}")

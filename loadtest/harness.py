@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import http.client
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
+NGINX_CONFS = ROOT / "loadtest" / "nginx"
 HOST = "127.0.0.1"  # the only address anything here listens on or sends to
 START_TIMEOUT = 30.0  # seconds a server has to become ready
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL
@@ -118,8 +121,10 @@ def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, byt
         conn.close()
 
 
-def wait_ready(proc: subprocess.Popen, port: int, path: str, logfile: Path, what: str) -> float:
-    """Poll GET path on port until 200; returns the seconds it took."""
+def wait_ready(proc: subprocess.Popen, port: int, path: str, logfile: Path, what: str,
+               get: Callable[..., tuple[int, bytes]] = http_get) -> float:
+    """Poll GET path on port until 200; returns the seconds it took. get is http_get, or a function
+    with its signature that speaks another protocol (HTTPS, say)."""
     started = time.monotonic()
     deadline = started + START_TIMEOUT
     last = "no answer"
@@ -127,7 +132,7 @@ def wait_ready(proc: subprocess.Popen, port: int, path: str, logfile: Path, what
         if exited(proc):
             raise BenchError(f"{what} exited while starting:\n{tail(logfile)}")
         try:
-            status, _ = http_get(port, path, timeout=1.0)
+            status, _ = get(port, path, timeout=1.0)
             if status == 200:
                 return time.monotonic() - started
             last = f"status {status}"
@@ -135,6 +140,38 @@ def wait_ready(proc: subprocess.Popen, port: int, path: str, logfile: Path, what
             last = str(error)
         time.sleep(0.05)
     raise BenchError(f"{what} not ready after {START_TIMEOUT:.0f}s ({last}):\n{tail(logfile)}")
+
+
+# -- nginx -------------------------------------------------------------------------------------
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def spawn_nginx(name: str, port: int, workdir: Path, upstream_port: int = 0,
+                nginx: str | None = None) -> subprocess.Popen:
+    """nginx, 1 worker, with loadtest/nginx/NAME.conf (@PORT@, @UPSTREAM_PORT@ and @DIR@ filled in,
+    the copy and its logs in workdir)."""
+    text = (NGINX_CONFS / f"{name}.conf").read_text()
+    text = text.replace("@PORT@", str(port)).replace("@UPSTREAM_PORT@", str(upstream_port))
+    text = text.replace("@DIR@", str(workdir))
+    conf = workdir / f"{name}.conf"
+    conf.write_text(text)
+    cmd = [nginx or nginx_binary(), "-p", f"{workdir}/", "-c", str(conf), "-e", str(workdir / f"{name}.err"),
+           "-g", "worker_processes 1;"]
+    return spawn(cmd, workdir / f"{name}.log")
+
+
+def start_nginx_upstream(workdir: Path, nginx: str | None = None) -> tuple[subprocess.Popen, int]:
+    """The fast upstream (loadtest/nginx/upstream.conf: 200 with a fixed 100-byte body) on a free
+    port, ready and checked; returns the process and its port."""
+    port = free_port()
+    proc = spawn_nginx("upstream", port, workdir, nginx=nginx)
+    wait_ready(proc, port, "/", workdir / "upstream.log", "the upstream nginx")
+    status, body = http_get(port)
+    if status != 200 or len(body) != 100:
+        raise BenchError(f"the upstream answered {status} with {len(body)} bytes, expected 200 with 100")
+    return proc, port
 
 
 def process_tree(root: int) -> list[int]:

@@ -19,7 +19,6 @@ import asyncio
 import multiprocessing
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
