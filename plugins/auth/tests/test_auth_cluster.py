@@ -93,15 +93,17 @@ async def test_a_revoked_jti_is_rejected_by_every_worker_within_a_second(plugway
     await revoke(gateway.admin_port, "revoke-me")
     revoked_at = time.monotonic()
     seen: list[tuple[float, int, str]] = []
+    # Times are when each request was sent: a request sent a second after the revocation is
+    # handled later still, so it must be refused however slow the machine is.
     while time.monotonic() - revoked_at < 1.5 or {pid for t, status, pid in seen if t > 1.0} != workers:
         assert time.monotonic() - revoked_at < 20, "both workers did not answer after the deadline"
+        sent = time.monotonic() - revoked_at
         status, pid = await one_request(gateway.port, token)
-        seen.append((time.monotonic() - revoked_at, status, pid))
+        seen.append((sent, status, pid))
     late = [(t, status, pid) for t, status, pid in seen if t > 1.0]
     assert late and all(status == 401 for _, status, _ in late), late
     last_accepted = max((t for t, status, _ in seen if status == 200), default=0.0)
-    print(f"last acceptance {last_accepted * 1000:.0f} ms after the revocation; {len(seen)} requests checked")
-    assert last_accepted < 1.0
+    print(f"last acceptance sent {last_accepted * 1000:.0f} ms after the revocation; {len(seen)} requests checked")
     other = sign(keys.hmac, "HS256", kid=None, jti="keep-me")
     assert (await one_request(gateway.port, other))[0] == 200
 
@@ -117,7 +119,10 @@ async def test_hosts_sharing_redis_reject_a_token_revoked_on_one_of_them(plugway
         assert (await one_request(host.port, token))[0] == 200
     await revoke(hosts[0].admin_port, "shared")
     revoked_at = time.monotonic()
-    while (await one_request(hosts[1].port, token))[0] == 200:
-        assert time.monotonic() - revoked_at < 1.0, "the other host still accepts the token after a second"
+    while True:
+        sent = time.monotonic() - revoked_at
+        if (await one_request(hosts[1].port, token))[0] != 200:
+            break
+        assert sent < 1.0, "the other host still accepted the token sent a second after its revocation"
     assert (await one_request(hosts[0].port, token))[0] == 401
     assert redis.cli("exists", "plugway:auth:rv:epoch") == "1"

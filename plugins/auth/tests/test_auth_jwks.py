@@ -71,13 +71,14 @@ async def test_a_flood_of_unknown_kids_fetches_at_most_once_per_interval(plugway
 
     started = time.monotonic()
     assert set(await flood()) == {401}
-    assert time.monotonic() - started < 1.0 and jwks_server.fetches == 1  # within the interval: none at all
+    # At most one fetch per started interval (1 s); on a quick machine the flood fits in one: none.
+    assert jwks_server.fetches <= 1 + int(time.monotonic() - started)
     # Once the interval has passed, one unknown kid triggers one fetch; a flood right after adds none.
     await eventually(lambda: _refetched(gateway, jwks_server, sign, keys))
     after = jwks_server.fetches
     started = time.monotonic()
     assert set(await flood()) == {401}
-    assert time.monotonic() - started < 1.0 and jwks_server.fetches == after == 2
+    assert after == 2 and jwks_server.fetches <= after + int(time.monotonic() - started)
 
 
 async def _refetched(gateway, jwks_server, sign, keys) -> bool:
