@@ -156,7 +156,13 @@ DROP = _Drop()  # returned by a websocket_message hook: the message goes no furt
 class Upgraded(Response):
     """What a plugin returns once it has taken the connection over (a WebSocket it answered
     with 101 and served until the end): the gateway writes nothing more and closes the
-    connection. Set ``ctx.bytes_in``/``bytes_out`` and ``ctx.log`` for the access log."""
+    connection. Set ``ctx.bytes_in``/``bytes_out`` and ``ctx.log`` for the access log.
+
+    While the plugin serves the connection, aiohttp cancels the request's task as soon as the
+    client's side closes, also when the plugin closed it itself: close in a task of its own
+    (or shield the closing) and expect ``CancelledError`` around it. Higher-priority plugins'
+    ``on_response`` hooks see the ``Upgraded`` only after the connection has ended, so headers
+    they set never reach the 101; add such headers in the plugin that answers the upgrade."""
 
     def __init__(self) -> None:
         super().__init__(101)
@@ -176,6 +182,11 @@ class UpstreamResponse(_ResponseBody):
         self._body: bytes | None = None
         self._wrappers: list[BodyWrapper] = []
         self.length_changed = False
+
+    @property
+    def upstream_status(self) -> int:
+        """The status the upstream answered, whatever a plugin has set ``status`` to since."""
+        return self.exchange.status
 
     def body_in_memory(self) -> bytes | None:
         if self._body is None and not self._wrappers and self.exchange.complete and self.exchange.error is None:

@@ -76,6 +76,8 @@ class GatewayMetrics:
         if counter is None:
             counter = self._children[key] = self.requests.labels(route, method, f"{status // 100}xx")
         counter.inc()
+        if status == 101:
+            return  # a WebSocket's lifetime (minutes) is not a request duration
         histogram = self._children.get(route)
         if histogram is None:
             histogram = self._children[route] = self.request_seconds.labels(route)

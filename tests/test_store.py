@@ -77,6 +77,16 @@ async def test_sets_and_purging_by_prefix(store):
     assert await store.get("cache:/b/1") == b"x"
 
 
+async def test_a_counter_keeps_the_expiry_it_was_created_with(store):
+    assert await store.incr("c", 1, ttl=0.3) == 1
+    assert await store.incr("c", -1) == 0
+    assert await store.incr("c", 1, ttl=60) == 1  # back to the amount added: not a new counter
+    await asyncio.sleep(0.5)
+    assert await store.get("c") is None
+    await store.set("n", b"5", None)
+    assert await store.incr("n") == 6  # a number written with set counts, on every backend
+
+
 async def test_adding_to_a_set_extends_its_expiry_and_never_shortens_it(store):
     await store.set_add("{tag}:short", "a", ttl=0.3)
     await store.set_add("{tag}:short", "b", ttl=60)

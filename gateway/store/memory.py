@@ -87,8 +87,10 @@ class MemoryTable:
         return removed
 
     def incr(self, key: str, amount: int, ttl: float | None) -> int:
+        """Add to the integer at ``key`` (a number written with ``set`` counts, as in Redis);
+        ``ttl`` applies only when this call creates the key."""
         entry = self._live(key)
-        value = (entry[1] if entry is not None and isinstance(entry[1], int) else 0) + amount
+        value = (_integer(entry[1]) if entry is not None else 0) + amount
         self._store(key, value, entry[0] if entry is not None else self._expiry(ttl))
         return value
 
@@ -189,6 +191,15 @@ class _Members(set):
         self.size = sum(_member_size(member) for member in self)
 
 
+def _integer(value: Any) -> int:
+    if isinstance(value, int):
+        return value
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _member_size(member: str) -> int:
     return len(member) + 80
 
@@ -216,11 +227,13 @@ def _burst(limit: Limit) -> int:
 
 def _evaluate(limit: Limit, state: Any, now: float) -> tuple[LimitResult, Any]:
     if limit.algorithm == "token_bucket":
-        return _token_bucket(limit, state, now)
+        return token_bucket(limit, state, now)
     return _sliding_window(limit, state, now)
 
 
-def _token_bucket(limit: Limit, state: Any, now: float) -> tuple[LimitResult, Any]:
+def token_bucket(limit: Limit, state: Any, now: float) -> tuple[LimitResult, Any]:
+    """One token-bucket decision: the result and the new state (``None`` starts a full bucket).
+    Public for plugins that keep a per-connection bucket in memory (WebSocket message rates)."""
     capacity = _burst(limit)
     rate = limit.limit / limit.period
     tokens, last = state if isinstance(state, tuple) and len(state) == 2 else (float(capacity), now)

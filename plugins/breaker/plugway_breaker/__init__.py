@@ -471,7 +471,7 @@ def on_response(ctx, settings, response):
     attempt = ctx.state.get(PLUGIN)
     if attempt is None or attempt is FALLBACK or attempt.done or not isinstance(response, UpstreamResponse):
         return
-    if response.exchange.status in settings.failure_statuses:
+    if response.upstream_status in settings.failure_statuses:
         _outcome(ctx, attempt, failed=True)
     else:
         attempt.head_ok = True  # a success once the body is through (after_response)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from gateway.store import Limit
-from gateway.store.memory import _token_bucket
+from gateway.store.memory import token_bucket
 
 from .errors import TooManyForConsumer, WorkerFull
 
@@ -29,7 +29,7 @@ class MessageRate:
         self.state = None
 
     def allow(self) -> bool:
-        result, self.state = _token_bucket(self.limit, self.state, self.clock())
+        result, self.state = token_bucket(self.limit, self.state, self.clock())
         return result.allowed
 
 

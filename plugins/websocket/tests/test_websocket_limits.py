@@ -89,6 +89,10 @@ async def test_connections_are_capped_per_consumer_and_per_worker(plugway_gatewa
         await ws.close()
     assert gateway.metric("plugway_websocket_handshake_refusals_total", route="ws", reason="too_many_websockets") == 1
     assert gateway.metric("plugway_websocket_handshake_refusals_total", route="ws", reason="websocket_capacity") == 1
+    # Four upgrades counted as requests once closed, but only the two refusals have a duration.
+    await eventually(lambda: gateway.metric("plugway_requests_total", route="ws", method="GET",
+                                            status_class="1xx") == 4)
+    assert gateway.metric("plugway_request_duration_seconds_count", route="ws") == 2
 
 
 async def test_a_client_over_its_message_rate_is_closed_with_1008(plugway_gateway, ws_upstream, ws_config, ws_connect,
