@@ -30,11 +30,9 @@ import platform
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from collections.abc import Sequence
@@ -45,8 +43,8 @@ import tomli_w
 
 from harness import (
     HOST, ROOT, VENV_BIN, BenchError, all_ticks, cpu_ticks, foreign_cpu, free_port,
-    http_get, log, process_tree, spawn, spawn_nginx, start_nginx_upstream, stop, stop_all, tail, wait_exit,
-    wait_ready,
+    http_get, log, process_tree, run_in_scratch, spawn, spawn_nginx, start_nginx_upstream, stop, tail,
+    wait_exit, wait_ready,
 )
 
 LOADTEST = ROOT / "loadtest"
@@ -126,7 +124,10 @@ class Config:
     start_s: list[float] = field(default_factory=list)
     foreign: list[float] = field(default_factory=list)  # % of a core used by other processes
     skipped: str = ""
-    plugin: str = ""  # --per-plugin: the one plugin enabled (its table from plugins.toml); "" for a-f
+    # A variant of d (--per-plugin, variants.py): this TOML appended to d's configuration; None for a-f.
+    toml: str | None = None
+    headers: tuple[str, ...] = ()  # sent with every request (wrk and the check GET), "Name: value"
+    env: dict[str, str] | None = None  # the gateway's environment (default: this one's)
 
 
 class Bench:
@@ -174,20 +175,20 @@ upstream = "up"
         admin_port = free_port()
         return self.launch_gateway(self.gateway_config(port, admin_port, with_plugins, workers), admin_port, tag)
 
-    def start_plugin_gateway(self, name: str, port: int, tag: str) -> tuple[subprocess.Popen, float]:
-        """The gateway of d with only plugin `name` enabled, with its table from plugins.toml."""
+    def start_variant(self, config: Config, port: int, tag: str) -> tuple[subprocess.Popen, float]:
+        """The gateway of d with config.toml appended to its configuration, in config.env."""
         admin_port = free_port()
-        text = self.gateway_config(port, admin_port, False, self.args.workers)
-        text += f"\n# [plugins.{name}] from loadtest/plugins.toml\n" + single_plugin_toml(name, self.plugin_tables[name])
-        return self.launch_gateway(text, admin_port, tag)
+        text = self.gateway_config(port, admin_port, False, self.args.workers) + (config.toml or "")
+        return self.launch_gateway(text, admin_port, tag, config.env)
 
-    def launch_gateway(self, text: str, admin_port: int, tag: str) -> tuple[subprocess.Popen, float]:
+    def launch_gateway(self, text: str, admin_port: int, tag: str,
+                       env: dict[str, str] | None = None) -> tuple[subprocess.Popen, float]:
         """plugway run with configuration text; returns once /ready answers on admin_port (stops it
         if it does not)."""
         conf = self.dir / f"gateway-{tag}.toml"
         conf.write_text(text)
         logfile = self.dir / f"gateway-{tag}.log"
-        proc = spawn([str(VENV_BIN / "plugway"), "run", "-c", str(conf)], logfile)
+        proc = spawn([str(VENV_BIN / "plugway"), "run", "-c", str(conf)], logfile, env=env)
         try:
             ready = wait_ready(proc, admin_port, "/ready", logfile, f"the gateway ({conf.name})")
         except BaseException:
@@ -216,23 +217,23 @@ upstream = "up"
     def run_once(self, config: Config, round_no: int) -> None:
         key = config.key
         tag = f"{key}{round_no}"
-        if config.plugin:
+        if config.toml is not None:
             port = free_port()
-            proc, ready = self.start_plugin_gateway(config.plugin, port, tag)
+            proc, ready = self.start_variant(config, port, tag)
         elif key == "a":
             proc, port, logfile, ready = self.upstream, self.upstream_port, self.dir / "upstream.log", 0.0
         else:
             port = free_port()
             proc, logfile, ready = self.start(key, port, tag)
         try:
-            status, body = http_get(port)
+            status, body = http_get(port, headers=config.headers)
             if status != 200:
                 log(f"  warning: config {key}: GET / answered {status}: {body[:200]!r}")
             if self.args.warmup:  # wrk refuses -d0s
-                wrk(port, self.args.warmup, self.dir / f"{tag}-warmup.log")
+                wrk(port, self.args.warmup, self.dir / f"{tag}-warmup.log", headers=config.headers)
             tree = process_tree(proc.pid)
             before, machine_before, started = cpu_ticks(proc.pid), all_ticks(), time.monotonic()
-            result = wrk(port, self.args.duration, self.dir / f"{tag}.log")
+            result = wrk(port, self.args.duration, self.dir / f"{tag}.log", headers=config.headers)
             ticks = cpu_ticks(proc.pid) - before
             foreign, busiest = foreign_cpu(machine_before, time.monotonic() - started)
             after = process_tree(proc.pid)
@@ -313,7 +314,8 @@ def plugin_configs(tables: dict) -> dict[str, Config]:
     installed = {entry.name for entry in importlib.metadata.entry_points(group="plugway")}
     configs = {}
     for name in tables:
-        config = Config("+" + re.sub(r"[^\w.-]", "_", name), f"gateway + {name}", plugin=name)
+        toml = f"\n# [plugins.{name}] from loadtest/plugins.toml\n" + single_plugin_toml(name, tables[name])
+        config = Config("+" + re.sub(r"[^\w.-]", "_", name), f"gateway + {name}", toml=toml)
         if name not in installed and "." not in name:  # a dotted name is imported as a module
             config.skipped = f"not installed (no `plugway` entry point named {name})"
             log(f"per-plugin {name}: skipped, {config.skipped}")
@@ -396,8 +398,7 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
                                (f"gateway, {args.workers} workers / 1 worker", "d", "f")):
         values = ratios(configs, top, bottom)
         if values:
-            med = statistics.median(values)
-            text = f"{med:.2f}x" + (f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else "")
+            text = ratio_text(values)
         elif top in configs and configs[top].skipped:
             text = f"– ({top} skipped)"
         else:
@@ -424,9 +425,7 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
             notes.append(f"{key}: only {max(config.procs)} gateway process(es) seen with workers = {args.workers}: "
                          "the gateway did not honour `workers` (no supervisor yet?).")
     if markdown:
-        out = [f"## {header['date']}, nproc {header['nproc']}", "", "```sh", header["command"], "```", ""]
-        out += [f"- {k}: {v}" for k, v in header.items() if k not in ("date", "nproc", "command")]
-        out += [f"- {note}" for note in notes] + [""]
+        out = markdown_head(header) + [f"- {note}" for note in notes] + [""]
         out += _md_table(titles, rows) + [""] + _md_table(["ratio", "median (min–max)"], ratio_rows)
         if plugins is not None:
             out += ["", "Plugin cost (`--per-plugin`):", ""] + _md_table(*plugin_cost_rows(configs, plugins, True))
@@ -435,10 +434,8 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
             out += ["", f"k6 `loadtest/k6/bare.js` against d, {args.k6_rate} req/s for {args.k6_duration:g} s:", "",
                     f"    {k6_line}"]
         return "\n".join(out) + "\n"
-    out = [f"Plugway benchmark — {header['date']} — nproc {header['nproc']} — kernel {header['kernel']}",
-           f"command: {header['command']}"]
-    out += [f"{k}: {v}" for k, v in header.items() if k not in ("date", "nproc", "kernel", "command")]
-    out += [""] + _text_table(titles, rows) + [""] + _text_table(["ratio", "median (min–max)"], ratio_rows)
+    out = text_head(header, "Plugway benchmark") + [""] + _text_table(titles, rows)
+    out += [""] + _text_table(["ratio", "median (min–max)"], ratio_rows)
     if plugins is not None:
         out += ["", "plugin cost (--per-plugin):"] + _text_table(*plugin_cost_rows(configs, plugins, False))
         out += [f"  {name} skipped: {config.skipped}" for name, config in plugins.items() if config.skipped]
@@ -459,16 +456,17 @@ PLUGIN_NOTES = [
 ]
 
 
-def plugin_cost_rows(configs: dict[str, Config], plugins: dict[str, Config],
-                     markdown: bool) -> tuple[list[str], list[list[str]]]:
-    """Titles and rows of the plugin cost table: d for reference, then one row per plugin."""
-    titles = ["plugin", "req/s median (min–max)", "CPU µs/req", "CPU µs/req vs d", "plugin/d median (min–max)",
+def plugin_cost_rows(configs: dict[str, Config], plugins: dict[str, Config], markdown: bool,
+                     what: str = "plugin", base: str = "(none: d)") -> tuple[list[str], list[list[str]]]:
+    """Titles and rows of the plugin cost table: d (named base) for reference, then one row per
+    plugin (or other variant of d: what), named by its key in plugins."""
+    titles = [what, "req/s median (min–max)", "CPU µs/req", "CPU µs/req vs d", f"{what}/d median (min–max)",
               "foreign CPU % (max)", "errors"]
     d = configs.get("d")
     d_cpu = statistics.median(d.cpu_us_per_req) if d and d.cpu_us_per_req else None
     rows = []
     if d:
-        rows.append(["(none: d)", median_range([r.rps for r in d.runs], ",.0f"),
+        rows.append([base, median_range([r.rps for r in d.runs], ",.0f"),
                      median_range(d.cpu_us_per_req, ".0f"), "", "1.00x", _max_text(d.foreign), errors_text(d)])
     if not plugins:
         rows.append(["–", "no [plugins.*] table in loadtest/plugins.toml", "", "", "", "", ""])
@@ -482,11 +480,11 @@ def plugin_cost_rows(configs: dict[str, Config], plugins: dict[str, Config],
         rows.append([name, median_range([r.rps for r in config.runs], ",.0f"),
                      median_range(config.cpu_us_per_req, ".0f"),
                      f"{cpu - d_cpu:+.0f}" if cpu is not None and d_cpu is not None else "–",
-                     _ratio_text(values), _max_text(config.foreign), errors_text(config)])
+                     ratio_text(values), _max_text(config.foreign), errors_text(config)])
     return titles, rows
 
 
-def _ratio_text(values: list[float]) -> str:
+def ratio_text(values: list[float]) -> str:
     if not values:
         return "–"
     med = statistics.median(values)
@@ -495,6 +493,23 @@ def _ratio_text(values: list[float]) -> str:
 
 def _max_text(values: list[float]) -> str:
     return f"{max(values):.0f}" if values else "–"
+
+
+def table(titles: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
+    return (_md_table if markdown else _text_table)(titles, rows)
+
+
+def markdown_head(header: dict[str, str], title: str = "") -> list[str]:
+    """A report's Markdown heading, command and header items, as a list item each."""
+    out = [f"## {header['date']}, nproc {header['nproc']}" + (f": {title}" if title else ""), "",
+           "```sh", header["command"], "```", ""]
+    return out + [f"- {k}: {v}" for k, v in header.items() if k not in ("date", "nproc", "command")]
+
+
+def text_head(header: dict[str, str], title: str) -> list[str]:
+    out = [f"{title} — {header['date']} — nproc {header['nproc']} — kernel {header['kernel']}",
+           f"command: {header['command']}"]
+    return out + [f"{k}: {v}" for k, v in header.items() if k not in ("date", "nproc", "kernel", "command")]
 
 
 def _md_table(titles: list[str], rows: list[list[str]]) -> list[str]:
@@ -546,25 +561,42 @@ LABELS = {
 }
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def options(prog: str, doc: str | None) -> argparse.ArgumentParser:
+    """The options of scripts/bench that the benchmarks built on it take too (variants.py)."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="rounds of every configuration (default 3)")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds of each measured wrk run (default 5)")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of the discarded warm-up (default 2)")
-    ap.add_argument("--workers", type=int, default=2, help="workers of the gateway and the naive proxy (default 2)")
-    ap.add_argument("--only", default=",".join(CONFIG_ORDER),
-                    help="configurations to run, such as a,b,d (default all)")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="workers of the gateway (and of scripts/bench's naive proxy) (default 2)")
     ap.add_argument("--markdown", action="store_true", help="print the report as a Markdown section")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory (configs, logs, wrk output)")
+    return ap
+
+
+def parse(ap: argparse.ArgumentParser, argv: list[str], **limits: tuple[float, float]) -> argparse.Namespace:
+    """ap's arguments, with argv kept (for the report) and the numbers checked against their
+    limits (low, high): those of options() plus the ones given."""
+    args = ap.parse_args(argv)
+    args.argv = argv
+    limits = {"rounds": (1, 50), "duration": (1, 600), "warmup": (0, 60), "workers": (1, 64), **limits}
+    for name, (low, high) in limits.items():
+        if not low <= getattr(args, name) <= high:
+            ap.error(f"--{name.replace('_', '-')} must be between {low:g} and {high:g}")
+    return args
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = options("scripts/bench", __doc__)
+    ap.add_argument("--only", default=",".join(CONFIG_ORDER),
+                    help="configurations to run, such as a,b,d (default all)")
     ap.add_argument("--k6", action="store_true", help="also run loadtest/k6/bare.js once against d")
     ap.add_argument("--k6-rate", type=int, default=500, help="req/s for --k6 (default 500)")
     ap.add_argument("--k6-duration", type=float, default=15.0, help="seconds for --k6 (default 15)")
     ap.add_argument("--per-plugin", action="store_true",
                     help="also run the gateway with each [plugins.NAME] table of loadtest/plugins.toml alone, "
                          "and report each plugin's cost against d (d is added to --only if missing)")
-    args = ap.parse_args(argv)
-    args.argv = argv
+    args = parse(ap, argv, k6_rate=(1, 5000), k6_duration=(1, 600))
     only = {letter for letter in args.only.lower() if letter not in ", "}
     unknown = only - set(CONFIG_ORDER)
     if unknown or not only:
@@ -573,77 +605,52 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         only.add("d")  # every plugin's cost is measured against d, round by round
         log("--per-plugin: config d added (each plugin is compared with it)")
     args.only = [key for key in CONFIG_ORDER if key in only]
-    for name, low, high in (("rounds", 1, 50), ("duration", 1, 600), ("warmup", 0, 60), ("workers", 1, 64),
-                            ("k6_rate", 1, 5000), ("k6_duration", 1, 600)):
-        if not low <= getattr(args, name) <= high:
-            ap.error(f"--{name.replace('_', '-')} must be between {low} and {high}")
     return args
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-
-    def terminate(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: ignored when started with &
-        signal.signal(signum, terminate)
-
     header = machine_header(args)
-    workdir = Path(tempfile.mkdtemp(prefix="plugway-bench-"))
-    try:
-        bench = Bench(args, workdir)
-        configs = {key: Config(key, LABELS[key].format(w=args.workers)) for key in args.only}
-        bundled = bundled_plugins()
-        if "e" in configs and not bench.plugin_tables:
-            configs["e"].skipped = ("no bundled plugin exists yet" if not bundled else
-                                    "loadtest/plugins.toml has no [plugins.*] table")
-            log(f"config e skipped: {configs['e'].skipped}"
-                + (f" (plugins/ has: {', '.join(bundled)})" if bundled else ""))
-        elif "e" in configs:
-            header["plugins (e)"] = ", ".join(bench.plugin_tables)
-            missing = [name for name in bundled if name not in bench.plugin_tables]
-            if missing:
-                log(f"note: bundled plugins not in loadtest/plugins.toml: {', '.join(missing)}")
-                header["plugins (e)"] += f" (not enabled: {', '.join(missing)})"
-        plugins = plugin_configs(bench.plugin_tables) if args.per_plugin else None
-        if plugins is not None:
-            header["per-plugin"] = ", ".join(plugins) or "none"
-            untabled = [name for name in bundled if name not in plugins]
-            if untabled:  # bundled, but plugins.toml gives them no settings: not measured
-                header["per-plugin"] += f" (no table in plugins.toml: {', '.join(untabled)})"
-        log(f"scratch directory (configs and logs): {workdir}")
-        bench.start_upstream()
-        active = [c for c in configs.values() if not c.skipped]
-        for round_no in range(1, args.rounds + 1):
-            for config in active:
-                bench.run_once(config, round_no)
-            for config in (plugins or {}).values():
-                if not config.skipped:
-                    bench.run_plugin_once(config, round_no)
-        k6_line = None
-        if args.k6:
-            log(f"k6: loadtest/k6/bare.js against a fresh gateway (d), {args.k6_rate} req/s "
-                f"for {args.k6_duration:g}s")
-            k6_line = bench.k6()
-            log(f"  {k6_line}")
-        print(report(bench, configs, header, k6_line, args.markdown, plugins), end="")
-        return 0
-    except BenchError as error:
-        log(f"scripts/bench: {error}")
-        log(f"(logs kept in {workdir})")
-        workdir = None
-        return 1
-    except KeyboardInterrupt:
-        log("scripts/bench: interrupted, stopping everything")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_all()
-        if workdir is not None and args.keep:
-            log(f"(scratch directory kept: {workdir})")
-        elif workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    return run_in_scratch("scripts/bench", "plugway-bench-", args.keep, lambda workdir: run(args, header, workdir))
+
+
+def run(args: argparse.Namespace, header: dict[str, str], workdir: Path) -> str:
+    bench = Bench(args, workdir)
+    configs = {key: Config(key, LABELS[key].format(w=args.workers)) for key in args.only}
+    bundled = bundled_plugins()
+    if "e" in configs and not bench.plugin_tables:
+        configs["e"].skipped = ("no bundled plugin exists yet" if not bundled else
+                                "loadtest/plugins.toml has no [plugins.*] table")
+        log(f"config e skipped: {configs['e'].skipped}"
+            + (f" (plugins/ has: {', '.join(bundled)})" if bundled else ""))
+    elif "e" in configs:
+        header["plugins (e)"] = ", ".join(bench.plugin_tables)
+        missing = [name for name in bundled if name not in bench.plugin_tables]
+        if missing:
+            log(f"note: bundled plugins not in loadtest/plugins.toml: {', '.join(missing)}")
+            header["plugins (e)"] += f" (not enabled: {', '.join(missing)})"
+    plugins = plugin_configs(bench.plugin_tables) if args.per_plugin else None
+    if plugins is not None:
+        header["per-plugin"] = ", ".join(plugins) or "none"
+        untabled = [name for name in bundled if name not in plugins]
+        if untabled:  # bundled, but plugins.toml gives them no settings: not measured
+            header["per-plugin"] += f" (no table in plugins.toml: {', '.join(untabled)})"
+    log(f"scratch directory (configs and logs): {workdir}")
+    bench.start_upstream()
+    active = [c for c in configs.values() if not c.skipped]
+    for round_no in range(1, args.rounds + 1):
+        for config in active:
+            bench.run_once(config, round_no)
+        for config in (plugins or {}).values():
+            if not config.skipped:
+                bench.run_plugin_once(config, round_no)
+    k6_line = None
+    if args.k6:
+        log(f"k6: loadtest/k6/bare.js against a fresh gateway (d), {args.k6_rate} req/s "
+            f"for {args.k6_duration:g}s")
+        k6_line = bench.k6()
+        log(f"  {k6_line}")
+    return report(bench, configs, header, k6_line, args.markdown, plugins)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Process and measurement helpers shared by the load tests in this directory (bench.py and the
 scenario benchmarks): start servers in their own process groups and always stop them, wait until
-they answer, find free ports, and read CPU use from /proc.
+they answer, find free ports, read CPU use from /proc, and frame a benchmark's main (signals,
+scratch directory, cleanup).
 
 Everything listens on and sends to 127.0.0.1 only.
 """
@@ -14,8 +15,9 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +100,37 @@ def stop_all() -> None:
         stop(proc)
 
 
+def run_in_scratch(prog: str, prefix: str, keep: bool, body: Callable[[Path], str]) -> int:
+    """The frame of a benchmark's main: body(a new scratch directory) runs and what it returns (the
+    report) is printed; SIGINT, SIGTERM and SIGHUP interrupt it; however it ends, every process
+    started is stopped and the scratch directory removed, unless keep or a BenchError (logs kept).
+    Returns the exit status: 0, 1 after a BenchError, 130 when interrupted."""
+    def terminate(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGINT too: ignored when started with &
+        signal.signal(signum, terminate)
+    workdir: Path | None = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        print(body(workdir), end="")
+        return 0
+    except BenchError as error:
+        log(f"{prog}: {error}")
+        log(f"(logs kept in {workdir})")
+        workdir = None
+        return 1
+    except KeyboardInterrupt:
+        log(f"{prog}: interrupted, stopping everything")
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the cleanup finish
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_all()
+        if workdir is not None and keep:
+            log(f"(scratch directory kept: {workdir})")
+        elif workdir is not None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -111,14 +144,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def http_get(port: int, path: str = "/", timeout: float = 2.0) -> tuple[int, bytes]:
+def http_request(port: int, path: str = "/", timeout: float = 2.0, *, method: str = "GET",
+                 headers: Sequence[str] = ()) -> tuple[int, bytes, http.client.HTTPMessage]:
+    """One request on a new connection, with headers given as wrk takes them ("Name: value");
+    returns the status, body and response headers."""
     conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request(method, path, headers=dict(map(str.strip, header.split(":", 1)) for header in headers))
         response = conn.getresponse()
-        return response.status, response.read()
+        return response.status, response.read(), response.headers
     finally:
         conn.close()
+
+
+def http_get(port: int, path: str = "/", timeout: float = 2.0, headers: Sequence[str] = ()) -> tuple[int, bytes]:
+    return http_request(port, path, timeout, headers=headers)[:2]
 
 
 def wait_ready(proc: subprocess.Popen, port: int, path: str, logfile: Path, what: str,

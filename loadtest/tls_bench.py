@@ -37,14 +37,11 @@ import http.client
 import ipaddress
 import os
 import shlex
-import shutil
-import signal
 import socket
 import ssl
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +52,13 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from harness import (
-    HOST, BenchError, all_ticks, cpu_ticks, foreign_cpu, free_port, http_get, log, process_tree, stop,
-    stop_all, wait_ready,
+    HOST, BenchError, all_ticks, cpu_ticks, foreign_cpu, free_port, http_get, log, process_tree, run_in_scratch,
+    stop, wait_ready,
 )
-from bench import FOREIGN_WARN, Bench, WrkResult, _md_table, machine_header, median_range, wrk
+from bench import (
+    FOREIGN_WARN, Bench, WrkResult, _md_table, errors_text, machine_header, markdown_head, median_range, ratio_text,
+    wrk,
+)
 
 GATEWAY_WORKERS = 2
 PROBE_CONNECTIONS = 40
@@ -334,19 +334,6 @@ def round_ratios(top: Series, bottom: Series) -> list[float]:
     return [a.rps / b.rps for a, b in zip(top.runs, bottom.runs) if b.rps]
 
 
-def ratio_text(values: list[float]) -> str:
-    if not values:
-        return "–"
-    text = f"{statistics.median(values):.2f}x"
-    return text + (f" ({min(values):.2f}–{max(values):.2f})" if len(values) > 1 else "")
-
-
-def errors_text(series: Series) -> str:
-    sock = sum(r.socket_errors for r in series.runs)
-    non2xx = sum(r.non2xx for r in series.runs)
-    return "0" if not sock and not non2xx else f"{sock} socket, {non2xx} non-2xx/3xx"
-
-
 def results_table(all_series: dict[tuple[str, str], Series]) -> list[str]:
     titles = ["target", "mode", "req/s median (min–max)", "p99 ms", "CPU µs/req", "wrk CPU %", "procs",
               "foreign CPU % (max)", "errors"]
@@ -409,10 +396,7 @@ def report(bench: TlsBench, all_series: dict[tuple[str, str], Series], header: d
         "processes this run did not start, % of one core, the largest run "
         f"(above {FOREIGN_WARN:.0f}% the machine was busy). Ratios are computed per round.",
     ]
-    out = [f"## {header['date']}, nproc {header['nproc']}: TLS against plain HTTP (tls_bench.py)", "",
-           "```sh", header["command"], "```", ""]
-    out += [f"- {key}: {value}" for key, value in header.items() if key not in ("date", "nproc", "command")]
-    out += [f"- {note}" for note in notes] + [""]
+    out = markdown_head(header, "TLS against plain HTTP (tls_bench.py)") + [f"- {note}" for note in notes] + [""]
     out += results_table(all_series) + [""] + ratio_table(all_series) + [""] + tls_cpu_table(all_series)
     return "\n".join(out) + "\n"
 
@@ -460,39 +444,15 @@ def run_rounds(bench: TlsBench) -> dict[tuple[str, str], Series]:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-
-    def terminate(signum, _frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, terminate)
-
     header = header_for(args)
-    workdir = Path(tempfile.mkdtemp(prefix="plugway-tls-bench-"))
-    try:
-        certs = make_certificates(workdir / "tls", args.key)
-        bench = TlsBench(args, workdir, certs)
+
+    def measure(workdir: Path) -> str:
+        bench = TlsBench(args, workdir, make_certificates(workdir / "tls", args.key))
         runs = len(TARGETS) * len(MODES) * args.rounds
         log(f"scratch directory: {workdir}; {runs} runs of about {args.warmup + args.duration + 1:g} s")
         bench.start_upstream()
-        all_series = run_rounds(bench)
-        print(report(bench, all_series, header), end="")
-        return 0
-    except BenchError as error:
-        log(f"tls_bench: {error}")
-        log(f"(logs kept in {workdir})")
-        workdir = None
-        return 1
-    except KeyboardInterrupt:
-        log("tls_bench: interrupted, stopping everything")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_all()
-        if workdir is not None and args.keep:
-            log(f"(scratch directory kept: {workdir})")
-        elif workdir is not None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        return report(bench, run_rounds(bench), header)
+    return run_in_scratch("tls_bench", "plugway-tls-bench-", args.keep, measure)
 
 
 if __name__ == "__main__":
