@@ -26,7 +26,7 @@ from pathlib import Path
 from . import config
 from .config.schema import ConfigErrors
 from .config.starter import starter_config
-from .plugins import add_plugin_commands, describe_installed, load_plugins
+from .plugins import add_plugin_commands, describe_installed, load_plugins, plugin_table_errors
 
 DEFAULT_CONFIG = "/etc/plugway/plugway.toml"
 EXIT_CONFIG_INVALID = 2
@@ -81,7 +81,11 @@ def _parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
 
 
 def _load(args: argparse.Namespace):
-    settings = config.load(args.config)
+    table = config.read_table(args.config)
+    try:
+        settings = config.from_table(table)
+    except ConfigErrors as exc:  # report the plugins' errors too, all at once
+        raise ConfigErrors([*exc.errors, *plugin_table_errors(table)]) from None
     return settings, load_plugins(settings)
 
 

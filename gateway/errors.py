@@ -57,10 +57,13 @@ class MethodNotAllowed(GatewayError):
 
     status, code = 405, "method_not_allowed"
 
-    def __init__(self, allowed: list[str], route: object = None, params: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, allowed: list[str], route: object = None, params: dict[str, str] | None = None, close: bool = False,
+    ) -> None:
         super().__init__(f"allowed methods: {', '.join(allowed)}", headers=[("Allow", ", ".join(allowed))])
         self.route = route
         self.params = params or {}
+        self.close = close
 
 
 class RequestTimeout(GatewayError):

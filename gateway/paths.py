@@ -13,8 +13,11 @@ slash or backslash (unless the route keeps them encoded, in which case they
 are forwarded as sent and never decoded for routing), a literal backslash, an
 escape of a control character, a malformed escape, invalid UTF-8 once
 decoded, ``%25`` followed by an encoded dot, slash or backslash (double
-encoding), ``;`` in a segment (unless the route allows it), a fragment, any
-byte outside printable ASCII, and a path that climbs above the root.
+encoding), ``;`` or ``%3b`` in a segment (unless the route allows it: Tomcat
+and Jetty read ``/..;/`` and ``/..%3b/`` as ``/../``), a segment ending with a
+dot (Windows servers drop it, so ``/admin.`` would be ``/admin`` there), a
+fragment, any byte outside printable ASCII, and a path that climbs above the
+root.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from urllib.parse import unquote
 
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset("0123456789abcdefABCDEF")
-_SLOW_PATH = re.compile(r"[%\\;#]|//|/\.|[^\x21-\x7e]")
+_SLOW_PATH = re.compile(r"[%\\;#]|//|/\.|\.(?:/|$)|[^\x21-\x7e]")
 _DOUBLE_ENCODED = re.compile(r"%25(2e|2f|5c)", re.IGNORECASE)
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -60,6 +63,8 @@ def canonical_path(path: str, *, keep_encoded_slash: bool = False, allow_semicol
     trailing_slash = False
     for raw in raw_segments:
         segment = _canonical_segment(raw, keep_encoded_slash, allow_semicolon)
+        if segment.endswith(".") and segment not in (".", ".."):
+            raise BadPath("a path segment ends with a dot")
         trailing_slash = segment in ("", ".", "..")
         if segment == "..":
             if not segments:
@@ -94,6 +99,8 @@ def _canonical_segment(raw: str, keep_encoded_slash: bool, allow_semicolon: bool
             raise BadPath("the path has an encoded control character")
         if byte in (0x2F, 0x5C) and not keep_encoded_slash:
             raise BadPath("the path has an encoded slash or backslash", route_may_allow=True)
+        if byte == 0x3B and not allow_semicolon:
+            raise BadPath("the path has a ';' parameter", route_may_allow=True)
         out.append(chr(byte) if byte in _UNRESERVED else raw[index:index + 3])
         decoded.append(byte)
         index += 3

@@ -21,6 +21,7 @@ import importlib
 import importlib.metadata
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import pluggy
@@ -202,19 +203,45 @@ def load_plugins(settings: GatewaySettings, extra: Mapping[str, Any] | None = No
     ``extra`` maps names to plugin objects registered without discovery
     (tests and embedding use it).
     """
-    errors: list[ConfigError] = []
     manager = new_manager()
+    loaded, errors = _load(settings, extra, manager, check_core=True)
+    if errors:
+        raise ConfigErrors(errors)
+    return PluginSet(manager, loaded)
+
+
+def plugin_table_errors(table: Mapping[str, Any]) -> list[ConfigError]:
+    """The errors of the plugin tables of a raw configuration ``table`` whose core settings are
+    invalid, so that ``plugway check`` reports both at once. Checks against the core settings
+    (``validate_with``) need valid core settings and are left out."""
+    plugins = table.get("plugins", {})
+    routes = table.get("routes", [])
+    if not isinstance(plugins, dict) or not isinstance(routes, list):
+        return []
+    view = SimpleNamespace(plugins={name: t for name, t in plugins.items() if isinstance(t, dict)}, routes=[
+        SimpleNamespace(name=route.get("name", f"#{index}"),
+                        plugins={name: t for name, t in route.get("plugins", {}).items() if isinstance(t, dict)})
+        for index, route in enumerate(routes) if isinstance(route, dict) and isinstance(route.get("plugins", {}), dict)
+    ])
+    return _load(view, None, new_manager(), check_core=False)[1]
+
+
+def _load(
+    settings: Any, extra: Mapping[str, Any] | None, manager: pluggy.PluginManager, check_core: bool,
+) -> tuple[list[LoadedPlugin], list[ConfigError]]:
+    errors: list[ConfigError] = []
     installed = installed_plugins()
     loaded: list[LoadedPlugin] = []
     for name in configured_names(settings):
         path = join_path("plugins", name)
         plugin = _import(name, installed, (extra or {}).get(name), manager, path, errors)
         if plugin is not None:
-            _configure(plugin, settings, errors)
+            before = len(errors)
+            _configure_tables(plugin, settings, errors)
+            if check_core and len(errors) == before:
+                _check_against_core(plugin, settings, errors)
             loaded.append(plugin)
-    if errors:
-        raise ConfigErrors(errors)
-    return PluginSet(manager, loaded)
+    return loaded, errors
 
 
 def _import(
@@ -247,13 +274,6 @@ def _import(
         errors.append(ConfigError(path, f"cannot load the plugin: {exc}"))
         return None
     return LoadedPlugin(name, module, version, declaration, priority=declaration.priority)
-
-
-def _configure(plugin: LoadedPlugin, settings: GatewaySettings, errors: list[ConfigError]) -> None:
-    before = len(errors)
-    _configure_tables(plugin, settings, errors)
-    if len(errors) == before:
-        _check_against_core(plugin, settings, errors)
 
 
 def _check_against_core(plugin: LoadedPlugin, settings: GatewaySettings, errors: list[ConfigError]) -> None:

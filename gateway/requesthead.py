@@ -11,6 +11,7 @@ that it forwards only requests whose framing is unambiguous:
 - ``Transfer-Encoding`` that is anything but exactly ``chunked`` (``identity,
   chunked``, ``chunked, chunked``, two header lines), or on HTTP/1.0 (400);
 - headers larger than ``server.max_header_total`` in all (431);
+- a Host that is not one ``host[:port]`` (``Host: a, b``, spaces, a path): 400;
 - an absolute-form target whose authority differs from Host, the asterisk
   form, or any other target that is not a path (400).
 
@@ -19,10 +20,15 @@ Every refusal closes the connection (``GatewayError.close``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .errors import BadRequest, GatewayError, HeadersTooLarge, MethodNotAllowed
+
+
+# RFC 3986 host (reg-name, IPv4, [IPv6]) and optional port; no list (",") and no spaces.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+;=%-]*)(?::[0-9]{0,5})?")
 
 
 class VersionNotSupported(GatewayError):
@@ -64,6 +70,8 @@ def check_head(
             encodings.append(value)
     if size > rules.max_header_total:
         raise HeadersTooLarge()
+    if host is not None and not _HOST.fullmatch(host):
+        raise BadRequest("the Host header is not one host[:port]")
     if encodings:
         if version == (1, 0):
             raise BadFraming("Transfer-Encoding is not allowed in an HTTP/1.0 request")

@@ -21,13 +21,13 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web_protocol, web_server
-from aiohttp.http_exceptions import BadHttpMessage, BadStatusLine, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, BadStatusLine, LineTooLong
 from aiohttp.web_protocol import RequestPayloadError
 
 from . import pipeline, proxy
 from .context import RequestContext
 from .errors import (
-    BadRequest, BadRequestPath, ClientClosedRequest, GatewayError, HeadersTooLarge, MethodNotAllowed, RequestTimeout,
+    BadRequest, BadRequestPath, BodyTooLarge, ClientClosedRequest, GatewayError, HeadersTooLarge, MethodNotAllowed, RequestTimeout,
     UriTooLong,
 )
 from .forwarding import request_id
@@ -155,10 +155,11 @@ class _ConnectionHandler(web_protocol.RequestHandler):
     def handle_error(
         self, request: BaseRequest, status: int = 500, exc: BaseException | None = None, message: str | None = None,
     ) -> _ErrorResponse:
-        error = _parser_error(exc) if status == 400 else GatewayError()
+        gateway = self._manager.gateway if self._manager else None
+        error = _parser_error(exc, gateway) if status == 400 else GatewayError()
         if status != 400:
             log.error("aiohttp failed to handle a request", exc_info=exc)
-        return _ErrorResponse(error, self._manager.gateway if self._manager else None)
+        return _ErrorResponse(error, gateway, _refusal_reason(exc))
 
 
 class HeaderTimeout(RequestTimeout):
@@ -192,15 +193,17 @@ class _ErrorResponse:
 
     keep_alive = False
 
-    def __init__(self, error: GatewayError, gateway: Gateway | None) -> None:
+    def __init__(self, error: GatewayError, gateway: Gateway | None, reason: str) -> None:
         self.error = error
         self.gateway = gateway
+        self.reason = reason
 
     async def prepare(self, request: BaseRequest) -> None:
         if self.gateway is None:  # the connection is already gone
             return
         ctx = RequestContext(request, self.gateway, time.monotonic())
         _identify(ctx, self.gateway)
+        ctx.log["reason"] = self.reason  # the access log says what the parser refused; the client is not told
         try:
             await _write(ctx, pipeline.error_response(ctx, self.error))
         finally:
@@ -210,7 +213,11 @@ class _ErrorResponse:
         return None
 
 
-def _parser_error(exc: BaseException | None) -> GatewayError:
+def _parser_error(exc: BaseException | None, gateway: Gateway | None) -> GatewayError:
+    if isinstance(exc, BadHttpMethod) and gateway is not None:
+        # llhttp refuses what is not an upper-case token; methods are case-sensitive, so `get` is
+        # a method outside the configured set, like any other.
+        return MethodNotAllowed(gateway.head_rules.allowed, close=True)
     if isinstance(exc, LineTooLong):
         # aiohttp's C parser reports an over-long URL with the line buffer (a bytearray), headers with bytes.
         return UriTooLong() if isinstance(exc.args[0], bytearray) else HeadersTooLarge()
@@ -219,6 +226,13 @@ def _parser_error(exc: BaseException | None) -> GatewayError:
     if isinstance(exc, BadStatusLine) and "invalid http version" in str(exc).lower():
         return VersionNotSupported()
     return BadRequest()
+
+
+def _refusal_reason(exc: BaseException | None) -> str:
+    """The parser's own words, first line only ("Duplicate Content-Length"), for the log."""
+    text = getattr(exc, "message", None) or (str(exc) if exc is not None else "")
+    first = str(text).strip().splitlines()[0] if str(text).strip() else type(exc).__name__
+    return "".join(char for char in first.rstrip(":") if char.isprintable())[:200]
 
 
 class ListenerServer(web_server.Server):
@@ -325,6 +339,9 @@ def _admit(ctx: RequestContext, gateway: Gateway) -> None:
     route = ctx.route.settings
     if request.body_exists and ctx.method in _NO_BODY_METHODS and ctx.method not in route.allow_body_on:
         raise BadFraming(f"a {ctx.method} request must not have a body on this route")
+    length = request.content_length
+    if length is not None and length > gateway.settings.server.client_max_body:
+        raise BodyTooLarge()  # at the door: a client waiting on Expect: 100-continue never sends the body
 
 
 def _admit_lenient(ctx: RequestContext, gateway: Gateway, path: str, refusal: BadPath) -> None:
@@ -338,7 +355,8 @@ def _admit_lenient(ctx: RequestContext, gateway: Gateway, path: str, refusal: Ba
         raise BadRequestPath(refusal.reason) from None
     route = ctx.route.settings
     lower = path.lower()
-    if ("%2f" in lower or "%5c" in lower) and not route.keep_encoded_slashes or ";" in path and not route.allow_semicolons:
+    semicolon = ";" in path or "%3b" in lower
+    if ("%2f" in lower or "%5c" in lower) and not route.keep_encoded_slashes or semicolon and not route.allow_semicolons:
         raise BadRequestPath(refusal.reason)
 
 

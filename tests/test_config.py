@@ -135,6 +135,8 @@ def test_check_lists_core_and_plugin_errors_together_and_exits_two(tmp_path):
     assert result.returncode == 2
     assert "server.workers" in result.stderr
     assert "server.colour: unknown key" in result.stderr
+    assert "plugins.sample.tag: must be a string" in result.stderr
+    assert 'plugins.nosuch: no plugin named "nosuch"' in result.stderr
 
 
 def test_plugin_errors_carry_their_paths(tmp_path):

@@ -20,21 +20,29 @@ __all__ = ["ConfigError", "ConfigErrors", "GatewaySettings", "load", "loads", "d
 
 
 def load(path: str | Path) -> GatewaySettings:
+    return from_table(read_table(path))
+
+
+def read_table(path: str | Path) -> dict[str, Any]:
+    """The file's TOML as a table, or ConfigErrors when it cannot be read or parsed."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigErrors([ConfigError("", f"cannot read {path}: {exc.strerror}")]) from None
     except UnicodeDecodeError:
         raise ConfigErrors([ConfigError("", f"{path} is not UTF-8 text")]) from None
-    return loads(text, str(path))
+    return _parse_toml(text, str(path))
 
 
 def loads(text: str, source: str = "<string>") -> GatewaySettings:
+    return from_table(_parse_toml(text, source))
+
+
+def _parse_toml(text: str, source: str) -> dict[str, Any]:
     try:
-        table = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigErrors([ConfigError("", f"{source} is not valid TOML: {exc}")]) from None
-    return from_table(table)
 
 
 def from_table(table: dict[str, Any]) -> GatewaySettings:
