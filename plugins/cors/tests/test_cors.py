@@ -4,35 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
+import jwt
 import pytest
 from aiohttp import web
 
-from gateway import GatewayError, PluginDeclaration, hookimpl
 from gateway.config.schema import ConfigErrors
 from plugway_cors.policy import Origins
 
 APP = "https://app.example.com"
+HMAC_SECRET = "cors-tests-hmac-secret-of-32-bytes!"
+# The real auth plugin (priority 1000, below cors' 2000): every request needs a bearer token.
+AUTH = """
+    [plugins.auth]
+    [[plugins.auth.issuers]]
+    name = "test"
+    issuer = "https://issuer.test"
+    algorithms = ["HS256"]
+    hmac_keys = [{ secret = { env = "CORS_TEST_HMAC" } }]
+"""
 
 
-class Unauthorized(GatewayError):
-    status, code, message = 401, "unauthorized", "credentials required"
+@pytest.fixture(autouse=True)
+def hmac_secret(monkeypatch):
+    monkeypatch.setenv("CORS_TEST_HMAC", HMAC_SECRET)
 
 
-class Gatekeeper:
-    """An auth-like plugin below cors: refuses every request without a bearer token."""
-
-    @hookimpl
-    def declare_plugin(self):
-        return PluginDeclaration(priority=1000)
-
-    @hookimpl
-    def on_request(self, ctx):
-        if "Authorization" not in ctx.request.headers:
-            raise Unauthorized(headers=[("WWW-Authenticate", "Bearer")])
+def bearer_token() -> str:
+    now = int(time.time())
+    claims = {"iss": "https://issuer.test", "sub": "alice", "iat": now, "exp": now + 600}
+    return jwt.encode(claims, HMAC_SECRET, algorithm="HS256")
 
 
-async def start(plugway_gateway, aiohttp_raw_server, cors: str, *, route: str = "", gatekeeper: bool = False,
+async def start(plugway_gateway, aiohttp_raw_server, cors: str, *, route: str = "", auth: bool = False,
                 upstream_headers: dict[str, str] | None = None):
     """A gateway with routes /api (cors as configured) and /plain (cors off); returns it and the upstream's log."""
     seen = []
@@ -42,7 +47,7 @@ async def start(plugway_gateway, aiohttp_raw_server, cors: str, *, route: str = 
         return web.Response(text="upstream", headers=upstream_headers or {})
 
     upstream = await aiohttp_raw_server(handler)
-    extra = "[plugins.gatekeeper]" if gatekeeper else ""
+    extra = AUTH if auth else ""
     gateway = await plugway_gateway(f"""
         [log]
         access = false
@@ -63,7 +68,7 @@ async def start(plugway_gateway, aiohttp_raw_server, cors: str, *, route: str = 
         [plugins.cors]
         {cors}
         {extra}
-    """, plugins={"gatekeeper": Gatekeeper()} if gatekeeper else None)
+    """)
     return gateway, seen
 
 
@@ -113,13 +118,19 @@ CREDENTIALED = """
 """
 
 
+def metrics_with_samples(gateway) -> str:
+    """The exposition's sample lines (without HELP/TYPE comments)."""
+    text = gateway.gateway.metrics.exposition().decode()
+    return "\n".join(line for line in text.splitlines() if not line.startswith("#"))
+
+
 def cors_headers(headers) -> dict[str, str]:
     items = headers.items() if hasattr(headers, "items") else headers
     return {name: value for name, value in items if name.lower().startswith("access-control-")}
 
 
 async def test_a_browsers_preflight_is_answered_by_the_gateway_before_auth(plugway_gateway, aiohttp_raw_server):
-    gateway, seen = await start(plugway_gateway, aiohttp_raw_server, CREDENTIALED, gatekeeper=True)
+    gateway, seen = await start(plugway_gateway, aiohttp_raw_server, CREDENTIALED, auth=True)
     status, headers, body = await raw_exchange(gateway, chrome_preflight(APP))
     assert status == 204 and body == b""
     assert cors_headers(headers) == {
@@ -130,13 +141,14 @@ async def test_a_browsers_preflight_is_answered_by_the_gateway_before_auth(plugw
         "Access-Control-Max-Age": "7200",
     }
     assert ("Vary", "Origin") in headers
-    assert seen == []  # neither the upstream nor the gatekeeper saw it
+    assert seen == []  # the upstream never saw it, and auth did not refuse it
+    assert 'plugway_auth_failures_total' not in metrics_with_samples(gateway)
     metrics = gateway.gateway.metrics.exposition().decode()
     assert 'plugway_cors_preflights_total{result="allowed"} 1.0' in metrics
 
 
 async def test_the_actual_request_gets_cors_headers_even_when_refused(plugway_gateway, aiohttp_raw_server):
-    gateway, seen = await start(plugway_gateway, aiohttp_raw_server, CREDENTIALED, gatekeeper=True)
+    gateway, seen = await start(plugway_gateway, aiohttp_raw_server, CREDENTIALED, auth=True)
     async with gateway.client.put("/api/items/7", headers={"Origin": APP}) as response:
         assert response.status == 401  # and the page's script can read why
         assert cors_headers(response.headers) == {
@@ -145,7 +157,8 @@ async def test_the_actual_request_gets_cors_headers_even_when_refused(plugway_ga
             "Access-Control-Expose-Headers": "X-Total-Count",
         }
         assert response.headers["Vary"] == "Origin"
-    async with gateway.client.put("/api/items/7", headers={"Origin": APP, "Authorization": "Bearer t"}) as response:
+    authorized = {"Origin": APP, "Authorization": f"Bearer {bearer_token()}"}
+    async with gateway.client.put("/api/items/7", headers=authorized) as response:
         assert response.status == 200
         assert response.headers["Access-Control-Allow-Origin"] == APP
     assert seen == [("PUT", "/api/items/7")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -143,3 +144,32 @@ async def test_values_that_would_not_work_are_refused(plugway_gateway, aiohttp_r
     with pytest.raises(ConfigErrors) as caught:
         await start(plugway_gateway, aiohttp_raw_server, f"[plugins.secheaders]\n{table}")
     assert any(str(error).startswith(message) for error in caught.value.errors), caught.value
+
+
+EXAMPLE_TLS = Path(__file__).resolve().parents[3] / "conf" / "examples" / "tls"
+
+
+async def test_hsts_goes_out_over_a_tls_listener_and_behind_a_trusted_tls_proxy(plugway_gateway, aiohttp_raw_server):
+    upstream = await aiohttp_raw_server(lambda request: web.Response(text="upstream"))
+    rest = f"""
+        [[upstreams]]
+        name = "app"
+        targets = [{{ url = "{upstream.make_url('')}" }}]
+        [[routes]]
+        name = "api"
+        prefix = "/api"
+        upstream = "app"
+        [plugins.secheaders]
+    """
+    cert, key = EXAMPLE_TLS / "example-com.pem", EXAMPLE_TLS / "example-com.key"
+    tls = await plugway_gateway(
+        f'[server]\nlisten = [{{ address = "127.0.0.1:0", tls = {{ certificates = [{{ cert = "{cert}", key = "{key}" }}] }} }}]'
+        + rest)
+    async with tls.client.get("/api/x") as response:  # over TLS (the test client does not verify)
+        assert response.url.scheme == "https"
+        assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
+    proxied = await plugway_gateway('[server]\ntrusted_proxies = ["127.0.0.1/32"]' + rest)
+    async with proxied.client.get("/api/x", headers={"X-Forwarded-Proto": "https"}) as response:
+        assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
+    async with proxied.client.get("/api/x", headers={"X-Forwarded-Proto": "http"}) as response:
+        assert "Strict-Transport-Security" not in response.headers
