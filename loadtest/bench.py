@@ -42,12 +42,18 @@ from pathlib import Path
 import tomli_w
 
 from harness import (
+    aiohttp_version, command_output, gateway_commit,
+    gateway_toml,
     HOST, ROOT, VENV_BIN, BenchError, all_ticks, cpu_ticks, foreign_cpu, free_port,
     http_get, log, process_tree, run_in_scratch, spawn, spawn_nginx, start_nginx_upstream, stop, tail,
     wait_exit, wait_ready,
 )
 
 LOADTEST = ROOT / "loadtest"
+# Sent with the plugin configurations (e and --per-plugin), so that compress compresses and cors
+# answers a cross-origin request instead of passing them by.
+PLUGIN_HEADERS = ("Accept-Encoding: gzip", "Origin: https://app.example.com")
+
 CONFIG_ORDER = "abcdef"
 CONNECTIONS = 64
 FOREIGN_WARN = 10.0  # % of a core used by processes not ours during a run: above it, warn
@@ -150,26 +156,9 @@ class Bench:
     # gateway --------------------------------------------------------------------------------
 
     def gateway_config(self, port: int, admin_port: int, with_plugins: bool, workers: int) -> str:
-        text = f"""\
-[server]
-listen = ["{HOST}:{port}"]
-workers = {workers}
-runtime_dir = "{self.dir}/run-{port}"
-[admin]
-listen = "{HOST}:{admin_port}"
-[log]
-access = false
-[[upstreams]]
-name = "up"
-targets = [{{ url = "http://{HOST}:{self.upstream_port}" }}]
-[[routes]]
-name = "all"
-prefix = "/"
-upstream = "up"
-"""
-        if with_plugins:
-            text += "\n# from loadtest/plugins.toml\n" + (LOADTEST / "plugins.toml").read_text()
-        return text
+        extra = "\n# from loadtest/plugins.toml\n" + (LOADTEST / "plugins.toml").read_text() if with_plugins else ""
+        return gateway_toml(port, admin_port, self.upstream_port, f"{self.dir}/run-{port}", workers=workers,
+                            upstream="up", extra=extra)
 
     def start_gateway(self, port: int, with_plugins: bool, workers: int, tag: str) -> tuple[subprocess.Popen, float]:
         admin_port = free_port()
@@ -315,7 +304,7 @@ def plugin_configs(tables: dict) -> dict[str, Config]:
     configs = {}
     for name in tables:
         toml = f"\n# [plugins.{name}] from loadtest/plugins.toml\n" + single_plugin_toml(name, tables[name])
-        config = Config("+" + re.sub(r"[^\w.-]", "_", name), f"gateway + {name}", toml=toml)
+        config = Config("+" + re.sub(r"[^\w.-]", "_", name), f"gateway + {name}", toml=toml, headers=PLUGIN_HEADERS)
         if name not in installed and "." not in name:  # a dotted name is imported as a module
             config.skipped = f"not installed (no `plugway` entry point named {name})"
             log(f"per-plugin {name}: skipped, {config.skipped}")
@@ -524,28 +513,16 @@ def _text_table(titles: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def machine_header(args: argparse.Namespace) -> dict[str, str]:
-    def run(*cmd: str) -> str:
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=ROOT)
-            return (result.stdout + result.stderr).strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return "?"
-    try:
-        import aiohttp
-        aiohttp_version = aiohttp.__version__
-    except ImportError:
-        aiohttp_version = "?"
-    commit = run("git", "rev-parse", "--short", "HEAD")
-    dirty = run("git", "status", "--porcelain", "--", "gateway")
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     return {
         "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "nproc": run("nproc"),
+        "nproc": command_output("nproc"),
         "kernel": f"{platform.system()} {platform.release()}",
         "command": "scripts/bench" + ("" if not args.argv else " " + shlex.join(args.argv)),
-        "versions": f"{run(nginx, '-v').replace('nginx version: ', '')}, {' '.join(run('wrk', '-v').split()[:2])}, "
-                    f"Python {platform.python_version()}, aiohttp {aiohttp_version}",
-        "gateway": f"commit {commit}" + (" (gateway/ has uncommitted changes)" if dirty else ""),
+        "versions": f"{command_output(nginx, '-v').replace('nginx version: ', '')}, "
+                    f"{' '.join(command_output('wrk', '-v').split()[:2])}, "
+                    f"Python {platform.python_version()}, aiohttp {aiohttp_version()}",
+        "gateway": gateway_commit(),
     }
 
 
@@ -616,7 +593,8 @@ def main(argv: list[str]) -> int:
 
 def run(args: argparse.Namespace, header: dict[str, str], workdir: Path) -> str:
     bench = Bench(args, workdir)
-    configs = {key: Config(key, LABELS[key].format(w=args.workers)) for key in args.only}
+    configs = {key: Config(key, LABELS[key].format(w=args.workers), headers=PLUGIN_HEADERS if key == "e" else ())
+               for key in args.only}
     bundled = bundled_plugins()
     if "e" in configs and not bench.plugin_tables:
         configs["e"].skipped = ("no bundled plugin exists yet" if not bundled else
