@@ -273,7 +273,8 @@ class ListenerServer(web_server.Server):
         except RequestPayloadError:
             keep_alive = await _write_error(ctx, BadFraming("the request body is malformed"))
         except (asyncio.CancelledError, ConnectionError, asyncio.IncompleteReadError) as exc:
-            ctx.status, ctx.error = 499, ClientClosedRequest()
+            if ctx.error is None:  # else the gateway cut the connection itself (an upstream failing mid-body)
+                ctx.status, ctx.error = 499, ClientClosedRequest()
             if isinstance(exc, asyncio.CancelledError):
                 gateway.spawn(pipeline.after_response(ctx))
                 raise
@@ -407,6 +408,9 @@ async def _write(ctx: RequestContext, response: Response | UpstreamResponse) -> 
         await writer.write(head + body)
     else:
         await _stream(ctx, writer, head, response, chunked)
+    # aiohttp's writer waits for the client only past 64 KiB per response: a pipelining client
+    # that never reads would otherwise have every answer buffered here, and the next request read.
+    await writer.drain()
     return keep_alive
 
 

@@ -173,8 +173,8 @@ class Gateway:
         self.metrics.request_done(route, ctx.method, ctx.status, seconds)
         if ctx.upstream_seconds is not None:
             self.metrics.upstream_answered(ctx.upstream.name, ctx.upstream_seconds)
-        elif ctx.upstream is not None and ctx.error is not None and ctx.error.status >= 500:
-            self.metrics.upstream_failed(ctx.upstream.name, ctx.error.code)
+        if ctx.upstream is not None and ctx.error is not None and ctx.error.status >= 500:
+            self.metrics.upstream_failed(ctx.upstream.name, ctx.error.code)  # also after the head (a stalled body)
         if self.access_log is not None:
             self.access_log.record(ctx, seconds)
 

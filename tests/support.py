@@ -10,12 +10,19 @@ clients use real sockets, and process tests run the real ``plugway`` command.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import socket
+import ssl
 import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httptools
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from gateway.testing import PLUGWAY, free_port, wait_until  # noqa: F401  (re-exported for the tests)
 
@@ -160,3 +167,131 @@ async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0) -> 
         pass
     writer.close()
     return b"".join(chunks)
+
+
+class Authority:
+    """A test CA that signs server certificates into files."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Plugway Test CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
+                     .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+                     .not_valid_after(now + datetime.timedelta(days=30))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.ca_path = directory / "ca.pem"
+        self.ca_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, name: str, *dns: str, days: int = 30, start_days_ago: int = 1, key=None) -> tuple[str, str, int]:
+        key = key or ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        serial = x509.random_serial_number()
+        cert = (x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0] if dns else name)]))
+                .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(serial)
+                .not_valid_before(now - datetime.timedelta(days=start_days_ago))
+                .not_valid_after(now + datetime.timedelta(days=days))
+                .add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        cert_path, key_path = self.directory / f"{name}.pem", self.directory / f"{name}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return str(cert_path), str(key_path), serial
+
+    def client_context(self, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(self.ca_path))
+        if maximum is not None:
+            context.maximum_version = maximum
+        return context
+
+
+async def async_wait_until_quiet(probe: Callable[[], object], quiet: float = 0.5, timeout: float = 60.0) -> None:
+    """Wait until ``probe()`` has returned the same value for ``quiet`` seconds: the thing watched stopped moving."""
+    deadline = time.monotonic() + timeout
+    value, since = probe(), time.monotonic()
+    while time.monotonic() - since < quiet:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still changing after {timeout}s: {value!r}")
+        await asyncio.sleep(0.05)
+        if (latest := probe()) != value:
+            value, since = latest, time.monotonic()
+
+
+class _Responses:
+    """httptools callbacks: the (status, body) of every response on a connection, in order."""
+
+    def __init__(self) -> None:
+        self.done: list[tuple[int, bytes]] = []
+        self._body: list[bytes] = []
+        self.parser = httptools.HttpResponseParser(self)
+
+    def on_body(self, data: bytes) -> None:
+        self._body.append(data)
+
+    def on_message_complete(self) -> None:
+        self.done.append((self.parser.get_status_code(), b"".join(self._body)))
+        self._body = []
+
+
+async def read_responses(
+    reader: asyncio.StreamReader, count: int, *, read_timeout: float = 10.0,
+) -> list[tuple[int, bytes]]:
+    """Read ``count`` whole responses from one connection: their (status, body), in order.
+
+    Fails if the connection closes first or stays silent for ``read_timeout``."""
+    responses = _Responses()
+    while len(responses.done) < count:
+        chunk = await asyncio.wait_for(reader.read(1 << 20), read_timeout)
+        if not chunk:
+            raise AssertionError(f"the connection closed after {len(responses.done)} of {count} responses")
+        responses.parser.feed_data(chunk)
+    return responses.done
+
+
+async def open_small_buffered(port: int, size: int = 65536) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A client connection whose kernel send and receive buffers are fixed at ``size`` (no autotuning),
+    so that what the gateway does not read stays with the client, where the test can see it."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    return await asyncio.open_connection(sock=sock)
+
+
+class TlsRawUpstream(RawUpstream):
+    """A ``RawUpstream`` behind TLS with the certificate ``cert``/``key``, reached as ``https://localhost:PORT``.
+
+    ``server_names`` records the SNI name of every handshake (None when the client sent none).
+    """
+
+    def __init__(self, respond: Callable[[bytes], bytes | None], cert: str, key: str) -> None:
+        super().__init__(respond)
+        self.server_names: list[str | None] = []
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self.context.load_cert_chain(cert, key)
+        self.context.sni_callback = lambda ssl_object, name, context: self.server_names.append(name)
+        self.also: asyncio.Server | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+    async def start(self) -> TlsRawUpstream:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.context)
+        self.port = self.server.sockets[0].getsockname()[1]
+        try:  # where "localhost" resolves to ::1 first
+            self.also = await asyncio.start_server(self._serve, "::1", self.port, ssl=self.context)
+        except OSError:
+            pass
+        return self
+
+    async def close(self) -> None:
+        if self.also is not None:
+            self.also.close()
+            await self.also.wait_closed()
+        await super().close()

@@ -4,7 +4,10 @@ import asyncio
 import logging
 import time
 
-from support import async_wait_until, http_response, raw_exchange, route_config
+from support import (
+    async_wait_until, async_wait_until_quiet, http_response, open_small_buffered, raw_exchange, read_responses,
+    route_config,
+)
 
 
 async def read_all(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
@@ -188,3 +191,36 @@ async def test_client_supplied_identity_headers_never_reach_the_upstream_on_any_
     assert len(upstream.received) == 2
     for seen in upstream.received:
         assert b"admin" not in seen and b"t1" not in seen.lower()
+
+
+async def test_an_idle_keepalive_connection_is_closed_after_the_keepalive_timeout(plugway_gateway, raw_upstream):
+    upstream = await raw_upstream(lambda request: http_response())
+    gateway = await plugway_gateway(route_config(upstream.url, server='keepalive_timeout = "1s"'))
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    writer.write(b"GET /api/x HTTP/1.1\r\nHost: h\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\nok"), 5)
+    idle_from = time.monotonic()
+    assert head.startswith(b"HTTP/1.1 200") and b"Connection: close" not in head  # kept alive
+    assert await read_all(reader, timeout=10) == b""  # then closed, without a word
+    idle = time.monotonic() - idle_from
+    writer.close()
+    assert idle > 0.9, idle  # not before the timeout
+
+
+async def test_a_pipelining_client_that_does_not_read_is_not_read_either(plugway_gateway, raw_upstream):
+    """Responses fill the socket buffers, the gateway stops answering, its queue fills (aiohttp
+    holds 32 parsed requests) and it stops reading: the rest stays with the client."""
+    count = 2000
+    upstream = await raw_upstream(lambda request: http_response(body=request.split(b" ")[1].ljust(16384)))
+    gateway = await plugway_gateway(route_config(upstream.url, server="max_requests_per_connection = 5000"))
+    reader, writer = await open_small_buffered(gateway.port)
+    pad = b"X-Pad: " + b"p" * 7000 + b"\r\n"  # 7 KB a request, 14 MB in all
+    writer.write(b"".join(b"GET /api/%d HTTP/1.1\r\nHost: h\r\n%b\r\n" % (i, pad) for i in range(count)))
+    unsent = writer.transport.get_write_buffer_size
+    await async_wait_until_quiet(lambda: (len(upstream.received), unsent()))
+    assert len(upstream.received) < count // 2
+    assert unsent() > 0  # the gateway took no more than it could answer
+    responses = await read_responses(reader, count)
+    writer.close()
+    assert [status for status, _ in responses] == [200] * count
+    assert [body.rstrip() for _, body in responses] == [b"/%d" % i for i in range(count)]

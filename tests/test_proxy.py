@@ -5,9 +5,11 @@ import gzip
 import json
 
 import aiohttp
+import pytest
 from aiohttp import web
 
-from support import async_wait_until, free_port, http_response, raw_exchange, route_config
+from gateway.testing import HeaderIdentity
+from support import Authority, TlsRawUpstream, async_wait_until, free_port, http_response, raw_exchange, route_config
 
 
 async def echo(request: web.BaseRequest) -> web.StreamResponse:
@@ -24,6 +26,16 @@ async def echo(request: web.BaseRequest) -> web.StreamResponse:
 async def start(plugway_gateway, aiohttp_raw_server, handler=echo, **config):
     upstream = await aiohttp_raw_server(handler)
     return await plugway_gateway(route_config(str(upstream.make_url("")).rstrip("/"), **config))
+
+
+def with_access_log(config: str) -> str:
+    return config.replace("access = false", "access = true")
+
+
+def access_log(gateway, capfd) -> list[dict]:
+    """The access log lines written so far (the gateway writes them to stdout)."""
+    gateway.gateway.access_log.flush()
+    return [json.loads(line) for line in capfd.readouterr().out.splitlines() if line.startswith("{")]
 
 
 async def test_the_client_gets_what_the_upstream_answered_plus_the_request_id(plugway_gateway, aiohttp_raw_server):
@@ -71,7 +83,7 @@ async def test_query_and_encoded_path_reach_the_upstream_byte_for_byte(plugway_g
 async def test_paths_are_canonicalised_before_routing_and_forwarding(plugway_gateway, aiohttp_raw_server):
     upstream = await aiohttp_raw_server(echo)
     url = str(upstream.make_url("")).rstrip("/")
-    gateway = await plugway_gateway(route_config(url, extra=f"""
+    gateway = await plugway_gateway(route_config(url, extra="""
         [[routes]]
         name = "admin"
         prefix = "/admin"
@@ -160,15 +172,25 @@ async def test_forwarding_headers_from_a_trusted_proxy_are_kept_and_extended(plu
 
 async def test_request_id_is_generated_sent_upstream_returned_and_logged(plugway_gateway, raw_upstream, capfd):
     upstream = await raw_upstream(lambda request: http_response())
-    gateway = await plugway_gateway(route_config(upstream.url).replace("access = false", "access = true"))
+    gateway = await plugway_gateway(with_access_log(route_config(upstream.url)))
     answer = await raw_exchange(gateway.port, b"GET /api/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     returned = [line for line in answer.split(b"\r\n") if line.lower().startswith(b"x-request-id:")][0].split(b": ")[1]
     assert b"x-request-id: " + returned in upstream.received[0].lower()
-    gateway.gateway.access_log.flush()
-    line = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    line = access_log(gateway, capfd)[-1]
     assert line["request_id"] == returned.decode()
     assert line["status"] == 200 and line["route"] == "api" and line["method"] == "GET"
     assert set(line) >= {"time", "client_ip", "path", "upstream", "target", "bytes_in", "bytes_out", "duration_ms"}
+
+
+async def test_the_access_log_names_the_consumer_a_plugin_set(plugway_gateway, raw_upstream, capfd):
+    upstream = await raw_upstream(lambda request: http_response())
+    config = with_access_log(route_config(upstream.url, extra="[plugins.identity]"))
+    gateway = await plugway_gateway(config, plugins={"identity": HeaderIdentity()})
+    for headers in ({"X-Test-User": "alice"}, {}, {"X-Test-Anonymous": "1"}):
+        async with gateway.client.get("/api/x", headers=headers) as response:
+            assert response.status == 200
+    lines = access_log(gateway, capfd)
+    assert [line.get("consumer") for line in lines] == ["alice", None, "anonymous"]
 
 
 async def test_head_204_and_304_carry_no_body(plugway_gateway, raw_upstream):
@@ -273,18 +295,57 @@ async def test_load_balancing_follows_weights_through_the_gateway(plugway_gatewa
     assert bodies.count(b"a") == 20 and bodies.count(b"b") == 10
 
 
-async def test_hash_balancing_is_sticky_per_header(plugway_gateway, raw_upstream):
+async def hashing_gateway(plugway_gateway, raw_upstream, hash_on: str):
+    """A gateway hashing on ``hash_on`` over three targets, which answer "0", "1" and "2"."""
     upstreams = [await raw_upstream(lambda request, n=n: http_response(body=str(n).encode())) for n in range(3)]
     targets = ", ".join(f'{{ url = "{u.url}" }}' for u in upstreams)
-    config = route_config(upstreams[0].url, upstream='balance = "hash"\nhash_on = "header:X-User"').replace(
+    config = route_config(upstreams[0].url, upstream=f'balance = "hash"\nhash_on = "{hash_on}"').replace(
         f'targets = [{{ url = "{upstreams[0].url}" }}]', f"targets = [{targets}]")
-    gateway = await plugway_gateway(config)
+    return await plugway_gateway(config)
+
+
+async def assert_sticky_and_spread(fetch, keys: list[str]) -> None:
+    """Each key keeps its target (``fetch(key)`` answers the same twice in a row, which round robin
+    never would); the keys use all three targets."""
     chosen = {}
-    for user in [f"u{i}" for i in range(30)] * 2:
-        async with gateway.client.get("/api/x", headers={"X-User": user}) as response:
-            body = await response.read()
-        assert chosen.setdefault(user, body) == body
+    for key in [key for key in keys for _ in range(2)]:
+        body = await fetch(key)
+        assert chosen.setdefault(key, body) == body, key
     assert len(set(chosen.values())) == 3
+
+
+async def test_hash_balancing_is_sticky_per_header(plugway_gateway, raw_upstream):
+    gateway = await hashing_gateway(plugway_gateway, raw_upstream, "header:X-User")
+
+    async def fetch(user):
+        async with gateway.client.get("/api/x", headers={"X-User": user}) as response:
+            return await response.read()
+
+    await assert_sticky_and_spread(fetch, [f"u{i}" for i in range(30)])
+
+
+async def test_hash_balancing_is_sticky_per_cookie(plugway_gateway, raw_upstream):
+    gateway = await hashing_gateway(plugway_gateway, raw_upstream, "cookie:session")
+
+    async def fetch(session):  # the same other cookies every time: only "session" may count
+        cookies = f"theme=dark; session={session}; lang=en"
+        async with gateway.client.get("/api/x", headers={"Cookie": cookies}) as response:
+            return await response.read()
+
+    await assert_sticky_and_spread(fetch, [f"s{i}" for i in range(30)])
+
+
+async def test_hash_balancing_is_sticky_per_client_address(plugway_gateway, raw_upstream):
+    gateway = await hashing_gateway(plugway_gateway, raw_upstream, "ip")
+
+    async def fetch(address):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port, local_addr=(address, 0))
+        writer.write(b"GET /api/x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(-1), 10)
+        writer.close()
+        return answer.split(b"\r\n\r\n", 1)[1]
+
+    await assert_sticky_and_spread(fetch, [f"127.0.0.{i}" for i in range(1, 31)])
 
 
 async def test_a_client_that_goes_away_is_logged_as_499_and_the_upstream_request_cancelled(
@@ -302,8 +363,7 @@ async def test_a_client_that_goes_away_is_logged_as_499_and_the_upstream_request
 
     upstream = await aiohttp_raw_server(slow)
     upstream.runner.server.handler_cancellation = True
-    config = route_config(str(upstream.make_url("")).rstrip("/")).replace("access = false", "access = true")
-    gateway = await plugway_gateway(config)
+    gateway = await plugway_gateway(with_access_log(route_config(str(upstream.make_url("")).rstrip("/"))))
     reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
     writer.write(b"GET /api/slow HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
@@ -311,8 +371,7 @@ async def test_a_client_that_goes_away_is_logged_as_499_and_the_upstream_request
     writer.close()
     await asyncio.wait_for(upstream_cancelled.wait(), 10)
     await async_wait_until(lambda: gateway.gateway.in_flight == 0)
-    gateway.gateway.access_log.flush()
-    line = json.loads(capfd.readouterr().out.strip().splitlines()[-1])
+    line = access_log(gateway, capfd)[-1]
     assert line["status"] == 499 and line["error"] == "client_closed_request"
 
 
@@ -360,21 +419,38 @@ async def test_an_upstream_that_refuses_connections_is_a_502(plugway_gateway):
         assert (await response.json())["error"]["code"] == "upstream_unreachable"
 
 
-async def test_an_invalid_upstream_response_is_a_502_and_nothing_of_it_is_relayed(plugway_gateway, raw_upstream):
-    answers = iter([
-        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
-        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nX-Bad: a\x00b\r\nContent-Length: 0\r\n\r\n",
-        b"NOT HTTP AT ALL\r\n\r\n",
-        b"HTTP/1.1 200 OK\r\nX-Evil: a\rSet-Cookie: x\r\nContent-Length: 0\r\n\r\n",
-    ])
-    upstream = await raw_upstream(lambda request: next(answers))
+INVALID_RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Bad: a\x00b\r\nContent-Length: 0\r\n\r\n",
+    b"NOT HTTP AT ALL\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Evil: a\rSet-Cookie: x\r\nContent-Length: 0\r\n\r\n",
+    http_response(headers=[("X-Bad", str(i)) for i in range(300)]),  # more headers than allowed
+    http_response(headers=[("X-Bad", "b" * 70_000)]),  # a head larger than allowed
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\nzz\r\n\r\n",  # a bad chunk size
+]
+
+
+def bad_on(path: bytes, answers) -> object:
+    """An upstream's answer function: the next of ``answers`` for requests to ``path``, 200 "ok" otherwise."""
+    answers = iter(answers)
+    return lambda request: next(answers) if request.split(b" ", 2)[1] == path else http_response()
+
+
+async def test_an_invalid_upstream_response_is_a_502_and_its_connection_discarded(plugway_gateway, raw_upstream):
+    upstream = await raw_upstream(bad_on(b"/bad", INVALID_RESPONSES))
     gateway = await plugway_gateway(route_config(upstream.url))
-    for _ in range(5):
-        async with gateway.client.get("/api/x") as response:
-            assert response.status == 502
+    for count, answer in enumerate(INVALID_RESPONSES, 1):
+        async with gateway.client.get("/api/bad") as response:
+            assert response.status == 502, answer[:40]
             assert (await response.json())["error"]["code"] == "upstream_invalid_response"
             assert "X-Bad" not in response.headers and "Set-Cookie" not in response.headers
+        async with gateway.client.get("/api/ok") as response:
+            assert response.status == 200 and await response.read() == b"ok"
+        assert upstream.connections == count + 1, answer[:40]  # a fresh one after each invalid answer
+    async with gateway.client.get("/api/ok") as response:
+        assert response.status == 200
+    assert upstream.connections == len(INVALID_RESPONSES) + 1  # and the good ones are kept
 
 
 async def test_a_slow_upstream_is_a_504(plugway_gateway, aiohttp_raw_server):
@@ -386,6 +462,51 @@ async def test_a_slow_upstream_is_a_504(plugway_gateway, aiohttp_raw_server):
     async with gateway.client.get("/api/x") as response:
         assert response.status == 504
         assert (await response.json())["error"]["code"] == "upstream_timeout"
+
+
+async def test_upstream_errors_are_counted_by_upstream_and_code(plugway_gateway, aiohttp_raw_server):
+    async def slow_but_for_fast(request):
+        if request.path != "/fast":
+            await asyncio.sleep(5)
+        return web.Response(text="fast")
+
+    slow = str((await aiohttp_raw_server(slow_but_for_fast)).make_url("")).rstrip("/")
+    gateway = await plugway_gateway(route_config(f"http://127.0.0.1:{free_port()}", extra=f"""
+        [[upstreams]]
+        name = "slow"
+        targets = [{{ url = "{slow}" }}]
+        read_timeout = "200ms"
+        [[routes]]
+        name = "slow"
+        prefix = "/slow"
+        upstream = "slow"
+        strip_prefix = true
+    """))
+
+    def errors(upstream, code):
+        return gateway.metric("plugway_upstream_errors_total", upstream=upstream, code=code)
+
+    for path, status in (("/api/x", 502), ("/slow/x", 504), ("/slow/fast", 200), ("/api/x", 502)):
+        async with gateway.client.get(path) as response:
+            assert response.status == status, path
+    assert errors("app", "upstream_unreachable") == 2
+    assert errors("slow", "upstream_timeout") == 1
+    assert errors("app", "upstream_timeout") == errors("slow", "upstream_unreachable") == 0
+
+
+async def test_an_upstream_timeout_in_the_middle_of_the_body_is_counted_too(plugway_gateway, aiohttp_raw_server):
+    async def stalls_after_the_head(request):
+        response = web.StreamResponse(headers={"Content-Length": "100"})
+        await response.prepare(request)
+        await response.write(b"abc")
+        await asyncio.sleep(5)
+        return response
+
+    gateway = await start(plugway_gateway, aiohttp_raw_server, stalls_after_the_head, upstream='read_timeout = "200ms"')
+    answer = await raw_exchange(gateway.port, b"GET /api/x HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\nabc")  # then cut
+    await async_wait_until(
+        lambda: gateway.metric("plugway_upstream_errors_total", upstream="app", code="upstream_timeout") == 1)
 
 
 async def test_all_connections_busy_is_a_503_after_the_wait(plugway_gateway, aiohttp_raw_server):
@@ -456,3 +577,67 @@ async def test_admin_endpoints(plugway_gateway, aiohttp_raw_server):
     assert "plugway_request_duration_seconds_bucket" in text
     assert 'plugway_upstream_response_seconds_count{upstream="app"} 1.0' in text
     assert "plugway_requests_in_flight" in text
+
+
+@pytest.fixture
+def test_ca(tmp_path) -> Authority:
+    return Authority(tmp_path)
+
+
+@pytest.fixture
+def other_ca(tmp_path) -> Authority:
+    """A CA that signed nothing the tests serve."""
+    (tmp_path / "other").mkdir()
+    return Authority(tmp_path / "other")
+
+
+@pytest.fixture
+async def https_upstream(test_ca):
+    """Factory: ``await https_upstream(*dns_names)`` -> a ``TlsRawUpstream`` answering "secure",
+    with a certificate for those names signed by ``test_ca``."""
+    started = []
+
+    async def start(*names: str) -> TlsRawUpstream:
+        cert, key, _ = test_ca.issue(f"upstream-{len(started)}", *names)
+        upstream = await TlsRawUpstream(lambda request: http_response(body=b"secure"), cert, key).start()
+        started.append(upstream)
+        return upstream
+
+    yield start
+    for upstream in started:
+        await upstream.close()
+
+
+def verified_by(ca_path, upstream_url: str, settings: str = "") -> str:
+    return route_config(upstream_url, upstream=f'tls_ca_file = "{ca_path}"\n{settings}')
+
+
+async def test_an_https_target_is_verified_and_sent_its_name_by_sni(plugway_gateway, https_upstream, test_ca):
+    upstream = await https_upstream("localhost")
+    gateway = await plugway_gateway(verified_by(test_ca.ca_path, upstream.url))
+    for _ in range(3):
+        async with gateway.client.get("/api/x") as response:
+            assert response.status == 200 and await response.read() == b"secure"
+    assert upstream.server_names == ["localhost"]  # one handshake, kept alive, with the target's name
+    assert b"\r\nHost: localhost:%d\r\n" % upstream.port in upstream.received[0]
+
+
+async def test_an_https_target_that_fails_verification_is_a_502(
+    plugway_gateway, https_upstream, test_ca, other_ca, caplog,
+):
+    right_name = await https_upstream("localhost")
+    wrong_name = await https_upstream("elsewhere.example")
+    for ca, upstream in ((other_ca, right_name), (test_ca, wrong_name)):
+        gateway = await plugway_gateway(verified_by(ca.ca_path, upstream.url))
+        async with gateway.client.get("/api/x") as response:
+            assert response.status == 502
+            assert (await response.json())["error"]["code"] == "upstream_unreachable"
+    assert right_name.received == wrong_name.received == []
+    assert not [r for r in caplog.records if r.name.startswith("plugway") and r.exc_info]  # refused, not crashed
+
+
+async def test_tls_verification_can_be_turned_off(plugway_gateway, https_upstream, other_ca):
+    upstream = await https_upstream("elsewhere.example")
+    gateway = await plugway_gateway(verified_by(other_ca.ca_path, upstream.url, "tls_verify = false"))
+    async with gateway.client.get("/api/x") as response:
+        assert response.status == 200 and await response.read() == b"secure"

@@ -1,7 +1,6 @@
 """TLS termination with certificates made by the test (cryptography), a real gateway and real clients."""
 
 import asyncio
-import datetime
 import socket
 import ssl
 import subprocess
@@ -11,51 +10,9 @@ import time
 import pytest
 from aiohttp import web
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
-from support import PLUGWAY, route_config
-
-
-class Authority:
-    """A test CA that signs server certificates into files."""
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Plugway Test CA")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
-                     .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-                     .not_valid_after(now + datetime.timedelta(days=30))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
-        self.ca_path = directory / "ca.pem"
-        self.ca_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self, name: str, *dns: str, days: int = 30, start_days_ago: int = 1, key=None) -> tuple[str, str, int]:
-        key = key or ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        serial = x509.random_serial_number()
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0] if dns else name)]))
-                .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(serial)
-                .not_valid_before(now - datetime.timedelta(days=start_days_ago))
-                .not_valid_after(now + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False)
-                .sign(self.key, hashes.SHA256()))
-        cert_path, key_path = self.directory / f"{name}.pem", self.directory / f"{name}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        return str(cert_path), str(key_path), serial
-
-    def client_context(self, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.ca_path))
-        if maximum is not None:
-            context.maximum_version = maximum
-        return context
+from support import PLUGWAY, Authority, route_config
 
 
 @pytest.fixture
