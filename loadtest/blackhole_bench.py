@@ -30,16 +30,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = ROOT / ".venv" / "bin"
-sys.path.insert(0, str(ROOT))
-
-from gateway.testing import free_port  # noqa: E402
+from harness import ROOT, VENV_BIN, free_port, gateway_toml
 
 READ_TIMEOUT = 1.0
 OPEN_FOR = 5.0
@@ -153,28 +148,10 @@ def read_k6_points(path: Path) -> list[tuple[float, int, float]]:
 
 
 def gateway_config(port: int, admin: int, upstream_port: int, runtime: Path) -> str:
-    return textwrap.dedent(f"""
-        [server]
-        listen = ["127.0.0.1:{port}"]
-        workers = 2
-        runtime_dir = "{runtime}"
-        [admin]
-        listen = "127.0.0.1:{admin}"
-        [log]
-        access = false
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "http://127.0.0.1:{upstream_port}" }}]
-        connect_timeout = "1s"
-        read_timeout = "{READ_TIMEOUT:g}s"
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        [plugins.breaker]
-        consecutive_failures = {CONSECUTIVE}
-        open_for = "{OPEN_FOR:g}s"
-    """)
+    return gateway_toml(
+        port, admin, upstream_port, runtime, upstream_keys=f'connect_timeout = "1s"\nread_timeout = "{READ_TIMEOUT:g}s"',
+        route="api", prefix="/api",
+        extra=f'[plugins.breaker]\nconsecutive_failures = {CONSECUTIVE}\nopen_for = "{OPEN_FOR:g}s"\n')
 
 
 def wait_ready(admin: int, runtime: Path, process: subprocess.Popen, timeout: float = 30) -> list[int]:

@@ -54,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import (
+    aiohttp_version, command_output, gateway_commit,
+    gateway_toml,
     HOST, ROOT, VENV_BIN, BenchError, all_ticks, foreign_cpu, free_port, http_get, log, spawn,
     start_nginx_upstream, stop, stop_all, tail, wait_exit, wait_ready,
 )
@@ -94,26 +96,9 @@ class Gateway:
         return f"http://{HOST}:{self.port}{LOAD_PATH}"
 
     def config_text(self) -> str:
-        text = f"""\
-[server]
-listen = ["{HOST}:{self.port}"]
-workers = {self.workers}
-runtime_dir = "{self.runtime_dir}"
-[admin]
-listen = "{HOST}:{self.admin_port}"
-[log]
-access = false
-[[upstreams]]
-name = "up"
-targets = [{{ url = "http://{HOST}:{self.upstream_port}" }}]
-[[routes]]
-name = "load"
-prefix = "{LOAD_PATH}"
-upstream = "up"
-"""
-        for name in self.routes:
-            text += f'[[routes]]\nname = "{name}"\nprefix = "/{name}"\nupstream = "up"\n'
-        return text
+        routes = "".join(f'[[routes]]\nname = "{name}"\nprefix = "/{name}"\nupstream = "up"\n' for name in self.routes)
+        return gateway_toml(self.port, self.admin_port, self.upstream_port, self.runtime_dir, workers=self.workers,
+                            upstream="up", route="load", prefix=LOAD_PATH, extra=routes)
 
     def write_config(self) -> None:
         """Replace the file atomically, so the supervisor never reads half of it."""
@@ -656,26 +641,13 @@ def notes(args: argparse.Namespace) -> list[str]:
 
 
 def machine_facts(argv: list[str]) -> dict[str, str]:
-    def run(*cmd: str) -> str:
-        try:
-            result = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=ROOT)
-            return (result.stdout + result.stderr).strip()
-        except (OSError, subprocess.TimeoutExpired):
-            return "?"
-    try:
-        import aiohttp
-        aiohttp_version = aiohttp.__version__
-    except ImportError:
-        aiohttp_version = "?"
-    dirty = run("git", "status", "--porcelain", "--", "gateway")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "nproc": run("nproc"),
+        "nproc": command_output("nproc"),
         "kernel": f"{platform.system()} {platform.release()}",
-        "commit": f"commit {run('git', 'rev-parse', '--short', 'HEAD')}"
-                  + (" (gateway/ has uncommitted changes)" if dirty else ""),
-        "versions": f"{run(str(VENV_BIN / 'k6'), 'version').split(' (')[0]}, Python {platform.python_version()}, "
-                    f"aiohttp {aiohttp_version}",
+        "commit": gateway_commit(),
+        "versions": f"{command_output(str(VENV_BIN / 'k6'), 'version').split(' (')[0]}, "
+                    f"Python {platform.python_version()}, aiohttp {aiohttp_version()}",
         "command": shlex.join([".venv/bin/python", "loadtest/cluster_bench.py", *argv]),
     }
 

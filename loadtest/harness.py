@@ -182,6 +182,61 @@ def wait_ready(proc: subprocess.Popen, port: int, path: str, logfile: Path, what
     raise BenchError(f"{what} not ready after {START_TIMEOUT:.0f}s ({last}):\n{tail(logfile)}")
 
 
+# -- the machine -------------------------------------------------------------------------------
+
+def command_output(*cmd: str) -> str:
+    """What a command printed (stdout and stderr), or "?" when it could not run."""
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=ROOT)
+        return (result.stdout + result.stderr).strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+
+
+def gateway_commit() -> str:
+    """The commit measured, and whether gateway/ differs from it."""
+    dirty = command_output("git", "status", "--porcelain", "--", "gateway")
+    return f"commit {command_output('git', 'rev-parse', '--short', 'HEAD')}" + (
+        " (gateway/ has uncommitted changes)" if dirty else "")
+
+
+def aiohttp_version() -> str:
+    try:
+        import aiohttp
+    except ImportError:
+        return "?"
+    return aiohttp.__version__
+
+
+# -- the gateway -------------------------------------------------------------------------------
+
+def gateway_toml(port: int, admin_port: int, upstream_port: int, runtime_dir: str | Path, *, workers: int = 2,
+                 server: str = "", upstream: str = "app", upstream_keys: str = "", route: str = "all",
+                 prefix: str = "/", extra: str = "") -> str:
+    """The configuration every script here starts the gateway with: one upstream on 127.0.0.1,
+    one route to it, its own runtime directory, no access log. ``server`` and ``upstream_keys``
+    add lines to those tables; ``extra`` is appended (plugin tables, more routes)."""
+    return f"""\
+[server]
+listen = ["{HOST}:{port}"]
+workers = {workers}
+runtime_dir = "{runtime_dir}"
+{server}
+[admin]
+listen = "{HOST}:{admin_port}"
+[log]
+access = false
+[[upstreams]]
+name = "{upstream}"
+targets = [{{ url = "http://{HOST}:{upstream_port}" }}]
+{upstream_keys}
+[[routes]]
+name = "{route}"
+prefix = "{prefix}"
+upstream = "{upstream}"
+{extra}"""
+
+
 # -- nginx -------------------------------------------------------------------------------------
 
 def nginx_binary() -> str:

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness import (
+    gateway_toml,
     HOST, ROOT, VENV_BIN, BenchError, all_ticks, cpu_ticks, exited, foreign_cpu, free_port, http_get, log,
     nginx_binary, spawn, start_nginx_upstream, stop, stop_all, tail, wait_ready,
 )
@@ -207,31 +208,11 @@ class Gateway:
     logfile: Path
 
 
-def gateway_config(workdir: Path, tag: str, port: int, admin_port: int, upstream_port: int, caps: str) -> str:
-    return f"""\
-[server]
-listen = ["{HOST}:{port}"]
-workers = {WORKERS}
-runtime_dir = "{workdir}/run-{tag}"
-{caps}
-[admin]
-listen = "{HOST}:{admin_port}"
-[log]
-access = false
-[[upstreams]]
-name = "up"
-targets = [{{ url = "http://{HOST}:{upstream_port}" }}]
-[[routes]]
-name = "all"
-prefix = "/"
-upstream = "up"
-"""
-
-
 def start_gateway(workdir: Path, tag: str, upstream_port: int, caps: str) -> Gateway:
     port, admin_port = free_port(), free_port()
     conf = workdir / f"gateway-{tag}.toml"
-    conf.write_text(gateway_config(workdir, tag, port, admin_port, upstream_port, caps))
+    conf.write_text(gateway_toml(port, admin_port, upstream_port, f"{workdir}/run-{tag}", workers=WORKERS,
+                                 server=caps, upstream="up"))
     logfile = workdir / f"gateway-{tag}.log"
     proc = spawn([str(VENV_BIN / "plugway"), "run", "-c", str(conf)], logfile)
     ready = wait_ready(proc, admin_port, "/ready", logfile, f"the gateway ({conf.name})")
