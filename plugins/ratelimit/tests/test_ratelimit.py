@@ -1,8 +1,12 @@
 """The rate limiting plugin on a real gateway (in-process store), against a real upstream."""
 
 import asyncio
+import hashlib
+import secrets
 import textwrap
+import time
 
+import jwt
 import pytest
 from aiohttp import web
 
@@ -19,7 +23,7 @@ async def upstream(aiohttp_raw_server):
     return str(server.make_url("")).rstrip("/")
 
 
-def config(upstream: str, plugin: str, server: str = "", routes: str = "") -> str:
+def config(upstream: str, plugin: str, server: str = "", routes: str = "", identity: str = "[plugins.identity]") -> str:
     return textwrap.dedent(f"""
         [server]
         {server}
@@ -33,7 +37,7 @@ def config(upstream: str, plugin: str, server: str = "", routes: str = "") -> st
         prefix = "/api"
         upstream = "app"
         {textwrap.dedent(routes)}
-        [plugins.identity]
+        {textwrap.dedent(identity)}
         [plugins.ratelimit]
         {textwrap.dedent(plugin)}
     """)
@@ -163,6 +167,174 @@ async def test_a_route_can_turn_the_limit_off_or_set_its_own(plugway_gateway, up
     assert await statuses(gateway, 5, path="/open/x") == [200] * 5
     assert await statuses(gateway, 2, path="/strict/x") == [200, 429]
     assert await statuses(gateway, 4, path="/api/x") == [200, 200, 200, 429]
+
+
+def rate_header_names(response) -> set[str]:
+    return {name.lower() for name in response.headers if name.lower().startswith(("ratelimit", "x-ratelimit"))}
+
+
+async def test_legacy_headers_alone_show_the_tightest_limit(plugway_gateway, upstream):
+    plugin = """
+        headers = "legacy"
+        [[plugins.ratelimit.limits]]
+        name = "per_consumer"
+        key = "consumer"
+        rate = "2/h"
+        [[plugins.ratelimit.limits]]
+        name = "global"
+        key = "global"
+        rate = "10/m"
+    """
+    gateway = await plugway_gateway(config(upstream, plugin), plugins={"identity": HeaderIdentity()})
+    legacy = {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"}
+    async with gateway.client.get("/api/x") as response:
+        assert rate_header_names(response) == legacy
+        assert response.headers["X-RateLimit-Limit"] == "2"  # per_consumer has 1 left, global 9
+        assert response.headers["X-RateLimit-Remaining"] == "1"
+        assert response.headers["X-RateLimit-Reset"] == "1800"
+    await statuses(gateway, 1)
+    async with gateway.client.get("/api/x") as response:
+        assert response.status == 429
+        assert rate_header_names(response) == legacy
+        assert response.headers["X-RateLimit-Remaining"] == "0"
+
+
+async def test_no_rate_headers_with_headers_none_but_retry_after_on_429(plugway_gateway, upstream):
+    gateway = await plugway_gateway(config(upstream, 'limit = "1/h"\nheaders = "none"'),
+                                    plugins={"identity": HeaderIdentity()})
+    async with gateway.client.get("/api/x") as response:
+        assert response.status == 200 and rate_header_names(response) == set()
+    async with gateway.client.get("/api/x") as response:
+        assert response.status == 429 and rate_header_names(response) == set()
+        assert int(response.headers["Retry-After"]) >= 1
+        assert (await response.json())["error"]["code"] == "rate_limited"
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def test_api_keys_are_counted_apart_and_only_their_hash_reaches_the_store(plugway_gateway, redis_server,
+                                                                               upstream):
+    """With the real auth plugin's API keys, hidden from the upstream (after the limit has read them)."""
+    redis = redis_server()
+    first, second = ("pwk_" + secrets.token_urlsafe(32) for _ in range(2))
+    auth = "[plugins.auth]\nhide_credentials = true\n" + "".join(
+        f'[[plugins.auth.api_keys]]\nhash = "sha256:{sha256(key)}"\nconsumer = "c{i}"\n'
+        for i, key in enumerate((first, second)))
+    plugin = '[[plugins.ratelimit.limits]]\nkey = "api_key"\nrate = "2/h"\n'
+    store = f'\n[store]\nbackend = "redis"\nurl = "{redis.url}"\ntimeout = "2s"\n'
+    gateway = await plugway_gateway(config(upstream, plugin, identity=auth) + store)
+    assert await statuses(gateway, 3, headers={"X-API-Key": first}) == [200, 200, 429]
+    assert await statuses(gateway, 2, headers={"X-API-Key": second}) == [200, 200]
+    expected = sorted(f"plugway:rl:{{api:default:{sha256(key)[:32]}}}" for key in (first, second))
+    assert sorted(redis.cli("keys", "*").split()) == expected
+
+
+async def test_a_header_key_counts_each_value_apart(plugway_gateway, upstream):
+    plugin = '[[plugins.ratelimit.limits]]\nkey = "header:X-Tenant"\nrate = "2/h"\n'
+    gateway = await plugway_gateway(config(upstream, plugin), plugins={"identity": HeaderIdentity()})
+    acme = await statuses(gateway, 2, headers={"X-Tenant": "acme", "X-Test-User": "alice"})
+    assert acme + await statuses(gateway, 1, headers={"X-Tenant": "acme", "X-Test-User": "bob"}) == [200, 200, 429]
+    assert await statuses(gateway, 2, headers={"x-tenant": "globex", "X-Test-User": "alice"}) == [200, 200]
+    assert await statuses(gateway, 3) == [200, 200, 429]  # no header: one bucket of its own
+    long = "t" * 80  # long values are hashed whole, never cut to a shared prefix
+    assert await statuses(gateway, 3, headers={"X-Tenant": long + "1"}) == [200, 200, 429]
+    assert await statuses(gateway, 2, headers={"X-Tenant": long + "2"}) == [200, 200]
+
+
+OTHER_ROUTE = """
+    [[routes]]
+    name = "other"
+    prefix = "/other"
+    upstream = "app"
+"""
+
+
+async def test_a_route_key_counts_every_caller_of_a_route_together_and_each_route_apart(plugway_gateway, upstream):
+    plugin = '[[plugins.ratelimit.limits]]\nkey = "route"\nrate = "2/h"\n'
+    gateway = await plugway_gateway(config(upstream, plugin, routes=OTHER_ROUTE),
+                                    plugins={"identity": HeaderIdentity()})
+    alice, bob = {"X-Test-User": "alice"}, {"X-Test-User": "bob"}
+    assert await statuses(gateway, 1, headers=alice) + await statuses(gateway, 2, headers=bob) == [200, 200, 429]
+    assert await statuses(gateway, 3, path="/other/x", headers=alice) == [200, 200, 429]
+
+
+@pytest.mark.parametrize("shared", [False, True])
+async def test_shared_by_routes_counts_the_routes_together(plugway_gateway, upstream, shared):
+    plugin = f'[[plugins.ratelimit.limits]]\nkey = "consumer"\nrate = "3/h"\nshared_by_routes = {str(shared).lower()}\n'
+    gateway = await plugway_gateway(config(upstream, plugin, routes=OTHER_ROUTE),
+                                    plugins={"identity": HeaderIdentity()})
+    alice = {"X-Test-User": "alice"}
+    assert await statuses(gateway, 2, headers=alice) == [200, 200]
+    other = await statuses(gateway, 3, path="/other/x", headers=alice)
+    assert other == ([200, 429, 429] if shared else [200, 200, 200])
+    assert await statuses(gateway, 1, path="/other/x", headers={"X-Test-User": "bob"}) == [200]
+
+
+HMAC_ENV = "PLUGWAY_RATELIMIT_TEST_HMAC"
+AUTH = f"""
+    [plugins.auth]
+    [[plugins.auth.issuers]]
+    name = "idp"
+    issuer = "https://idp.test/"
+    audience = ["api"]
+    algorithms = ["HS256"]
+    hmac_keys = [{{ secret = {{ env = "{HMAC_ENV}" }} }}]
+"""
+PUBLIC_ROUTE = """
+    [[routes]]
+    name = "public"
+    prefix = "/public"
+    upstream = "app"
+    [routes.plugins.auth]
+    anonymous = true
+"""
+
+
+@pytest.fixture
+def bearer(monkeypatch):
+    """``bearer(sub, roles)``: headers with a real HS256 token, signed with a secret made for this test."""
+    secret = secrets.token_urlsafe(48)
+    monkeypatch.setenv(HMAC_ENV, secret)
+
+    def headers(sub: str, roles: tuple[str, ...] = (), **more: str) -> dict[str, str]:
+        now = int(time.time())
+        claims = {"iss": "https://idp.test/", "aud": "api", "sub": sub, "iat": now, "exp": now + 600, "roles": roles}
+        return {"Authorization": "Bearer " + jwt.encode(claims, secret, algorithm="HS256"), **more}
+
+    return headers
+
+
+async def test_real_jwt_consumers_get_their_own_buckets_and_anonymous_callers_their_address(
+        plugway_gateway, upstream, bearer):
+    plugin = '[[plugins.ratelimit.limits]]\nkey = "consumer_or_ip"\nrate = "2/h"\n'
+    server = 'trusted_proxies = ["127.0.0.1/32"]'
+    gateway = await plugway_gateway(config(upstream, plugin, server=server, routes=PUBLIC_ROUTE, identity=AUTH))
+    one, two = {"X-Forwarded-For": "10.0.0.1"}, {"X-Forwarded-For": "10.0.0.2"}
+    assert await statuses(gateway, 3, path="/public/x", headers=bearer("alice", **one)) == [200, 200, 429]
+    assert await statuses(gateway, 3, path="/public/x", headers=bearer("bob", **one)) == [200, 200, 429]
+    assert await statuses(gateway, 1, path="/public/x", headers=bearer("alice", **two)) == [429]  # not by address
+    assert await statuses(gateway, 3, path="/public/x", headers=one) == [200, 200, 429]  # anonymous: by address
+    assert await statuses(gateway, 3, path="/public/x", headers=two) == [200, 200, 429]
+    assert await statuses(gateway, 1, path="/public/x", headers={"Authorization": "Bearer x.y.z"}) == [401]
+
+
+async def test_tiers_follow_the_roles_of_a_real_jwt_and_anonymous_callers_share_one_consumer_bucket(
+        plugway_gateway, upstream, bearer):
+    plugin = """
+        [[plugins.ratelimit.limits]]
+        key = "consumer"
+        rate = "2/h"
+        tiers = { anonymous = "1/h", premium = "3/h" }
+    """
+    server = 'trusted_proxies = ["127.0.0.1/32"]'
+    gateway = await plugway_gateway(config(upstream, plugin, server=server, routes=PUBLIC_ROUTE, identity=AUTH))
+    assert await statuses(gateway, 4, path="/public/x", headers=bearer("p", ("premium",))) == [200] * 3 + [429]
+    assert await statuses(gateway, 3, path="/public/x", headers=bearer("u", ("reader",))) == [200, 200, 429]
+    anonymous = [await statuses(gateway, 1, path="/public/x", headers={"X-Forwarded-For": f"10.0.0.{i}"})
+                 for i in range(3)]
+    assert anonymous == [[200], [429], [429]]
 
 
 async def test_metrics_count_allowed_and_limited(plugway_gateway, upstream):
