@@ -306,6 +306,7 @@ class WorkerState:
     jwks_fetches: Any
     store_errors: Any
     endpoint_requests: Any
+    verifications: Any
     session: aiohttp.ClientSession
     revocations: RevocationView
     policies: dict[int, Any] = field(default_factory=dict)
@@ -322,6 +323,7 @@ class WorkerState:
                 settings, issuers=self.issuers, revocations=self.revocations,
                 store_failed=lambda policy: self.store_errors.labels(policy).inc(),
                 endpoint_counted=lambda endpoint, result: self.endpoint_requests.labels(endpoint, result).inc(),
+                verified=self.verifications.inc,
             )
         return found
 
@@ -363,6 +365,10 @@ def worker_started(gateway):
         ),
         endpoint_requests=metrics.counter("plugway_auth_token_endpoint_requests_total",
                                           "Token endpoint requests, by endpoint and result.", ("endpoint", "result")),
+        verifications=metrics.counter(
+            "plugway_auth_token_verifications_total",
+            "Tokens checked in full (signature and claims), not answered from the verified-token cache.",
+        ),
         session=aiohttp.ClientSession(),
         revocations=RevocationView(gateway.store),
     )
@@ -416,9 +422,9 @@ async def before_upstream(ctx, settings, outgoing):
 
 @hookimpl
 def admin_routes(gateway):
-    lives = [settings.longest_life for settings in _own_settings(gateway)]
-    longest = max(lives, default=AuthSettings(anonymous=True).longest_life)
-    return [("POST", "/auth/revocations", revocation_handler(lambda: gateway.store, longest))]
+    own = _own_settings(gateway) or [AuthSettings(anonymous=True)]
+    longest, leeway = max(settings.longest_life for settings in own), max(float(settings.leeway) for settings in own)
+    return [("POST", "/auth/revocations", revocation_handler(lambda: gateway.store, longest, leeway))]
 
 
 @hookimpl

@@ -95,6 +95,7 @@ class Policy:
     def __init__(
         self, settings: Any, *, issuers: Mapping[Any, Issuer], revocations: RevocationView,
         store_failed: Callable[[str], None], endpoint_counted: Callable[[str, str], None],
+        verified: Callable[[], None] | None = None,
     ) -> None:
         self.settings = settings
         self.names = header_names(settings)
@@ -105,7 +106,7 @@ class Policy:
             compiled.append(own)
         self.verifier = TokenVerifier(
             compiled, leeway=settings.leeway, max_lifetime=settings.max_lifetime, names=self.names,
-            cache_size=settings.cache_size,
+            cache_size=settings.cache_size, verified=verified,
         ) if compiled else None
         self.api_keys = compile_api_keys(settings, self.names)
         self.token_sources = settings.token_sources if compiled else ()

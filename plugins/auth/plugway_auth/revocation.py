@@ -3,10 +3,12 @@
 Two kinds of revocation, each one store key with a TTL (so the store forgets a revocation
 once no token it covers can still be valid):
 
-- a token, by its ``jti``: ``auth:rv:j:<hash>``, kept for the token's remaining life;
+- a token, by its ``jti``: ``auth:rv:j:<hash>``, kept for the token's remaining life (until
+  its ``exp`` plus ``leeway``, the last moment it would be accepted);
 - every token of a consumer issued before a time: ``auth:rv:c:<hash>`` holding that time,
-  kept for the longest life a token may have (``max_lifetime`` plus ``leeway``). A token of
-  that consumer without ``iat`` counts as issued before.
+  kept for the longest life a token may have (``max_lifetime`` plus ``leeway``) after that
+  time, or after now when it is past. A token of that consumer without ``iat`` counts as
+  issued before.
 
 Every revocation also writes a new random value to ``auth:rv:epoch``. A worker caches its
 lookups (a token checked twice costs no second round trip) and reads the epoch at most
@@ -30,6 +32,7 @@ EPOCH_KEY = "auth:rv:epoch"
 MAX_AGE = 0.5
 MAX_ENTRIES = 100_000
 FORGET_AFTER = 60.0  # cached answers are dropped this often even without a new epoch (a lost epoch write)
+MAX_TTL = 10 * 366 * 86400.0  # the longest a revocation is kept, whatever times the admin call names
 
 
 def token_key(jti: str) -> str:
@@ -45,15 +48,22 @@ async def revoke_token(store: Store, jti: str, ttl: float) -> None:
     await _new_epoch(store)
 
 
-async def revoke_consumer(store: Store, consumer: str, before: float, ttl: float) -> float:
-    """Revoke the consumer's tokens issued before ``before`` (an earlier call's later time wins)."""
+async def revoke_consumer(store: Store, consumer: str, before: float, longest_life: float,
+                          now: float) -> tuple[float, float]:
+    """Revoke the consumer's tokens issued before ``before`` (an earlier call's later time wins).
+
+    Kept until the last such token has expired: ``longest_life`` (``max_lifetime`` plus
+    ``leeway``) after ``before``, or after now when ``before`` is past. Returns the time in
+    force and the key's TTL.
+    """
     key = consumer_key(consumer)
     existing = await store.get(key)
     if existing is not None:
         before = max(before, float(existing))
-    await store.set(key, repr(before).encode(), max(ttl, 1.0))
+    ttl = min(max(longest_life + max(before - now, 0.0), 1.0), MAX_TTL)
+    await store.set(key, repr(before).encode(), ttl)
     await _new_epoch(store)
-    return before
+    return before, ttl
 
 
 async def revoked_now(store: Store, jti: str | None, consumer: str, issued_at: float | None) -> bool:

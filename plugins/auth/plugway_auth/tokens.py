@@ -155,12 +155,13 @@ class TokenVerifier:
     Verified tokens are cached (``cache_size`` entries, oldest out first) keyed by the
     SHA-256 of the whole token; an entry is used only while the token has not expired and
     its issuer still has the same key set. Revocation is checked by the caller on every
-    request, cached or not.
+    request, cached or not. ``verified`` (if given) is called for every token checked in
+    full, i.e. not answered from the cache.
     """
 
     def __init__(
         self, issuers: list[Issuer], *, leeway: float, max_lifetime: float, names: HeaderNames,
-        cache_size: int, clock: Callable[[], float] = time.time,
+        cache_size: int, clock: Callable[[], float] = time.time, verified: Callable[[], None] | None = None,
     ) -> None:
         self.by_iss = {issuer.issuer: issuer for issuer in issuers if issuer.issuer is not None}
         self.default = next((issuer for issuer in issuers if issuer.issuer is None), None)
@@ -169,6 +170,7 @@ class TokenVerifier:
         self.names = names
         self.cache_size = cache_size
         self.clock = clock
+        self.verified = verified
         self._cache: dict[bytes, tuple[Identity, Issuer, KeySet | None]] = {}
 
     async def identity(self, token: str) -> Identity:
@@ -189,6 +191,8 @@ class TokenVerifier:
         return identity
 
     async def _verify(self, token: str, now: float) -> tuple[Identity, Issuer, KeySet | None]:
+        if self.verified is not None:
+            self.verified()
         parsed = parse_token(token)
         issuer = self.issuer_for(parsed.claims)
         algorithm = parsed.header["alg"]

@@ -162,16 +162,21 @@ async def upstream(aiohttp_raw_server) -> Upstream:
 
 @dataclass
 class JwksServer:
-    """A real JWKS endpoint whose keys a test can rotate; counts the fetches it answers."""
+    """A real JWKS endpoint whose keys a test can rotate; records when it answers each fetch
+    (``time.monotonic()``, in ``fetched_at``)."""
 
     keys: list[dict] = field(default_factory=list)
     cache_control: str | None = "max-age=300"
     status: int = 200
-    fetches: int = 0
+    fetched_at: list[float] = field(default_factory=list)
     url: str = ""
 
+    @property
+    def fetches(self) -> int:
+        return len(self.fetched_at)
+
     async def handle(self, request: web.Request) -> web.Response:
-        self.fetches += 1
+        self.fetched_at.append(time.monotonic())
         headers = {"Cache-Control": self.cache_control} if self.cache_control else {}
         return web.json_response({"keys": self.keys}, status=self.status, headers=headers)
 

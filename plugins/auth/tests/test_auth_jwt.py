@@ -334,18 +334,49 @@ async def test_several_issuers_at_once(plugway_gateway, auth_config, key_files, 
     assert_refused(gateway, await call(gateway, sign(keys.ec256, "ES256", client_id="acme")), "algorithm")
 
 
+def verifications(gateway) -> float:
+    return gateway.metric("plugway_auth_token_verifications_total")
+
+
 async def test_the_verified_token_cache_honours_exp(plugway_gateway, auth_config, key_files, keys, sign, rs256_plugin):
     gateway = await plugway_gateway(auth_config(rs256_plugin('leeway = "0s"')))
-    now = time.time()
-    token = sign(keys.rsa, "RS256", iat=int(now), exp=int(now) + 2)
-    assert (await call(gateway, token))[0] == 200
-    assert (await call(gateway, token))[0] == 200  # from the cache
-    deadline = time.monotonic() + 10
-    while (await call(gateway, token))[0] == 200:
-        assert time.monotonic() < deadline
+    for lifetime in (3, 6, 12, 24):  # a machine too busy to answer twice before exp: a longer-lived token
+        exp = int(time.time()) + lifetime
+        token = sign(keys.rsa, "RS256", iat=exp - lifetime, exp=exp)
+        checked = verifications(gateway)
+        statuses = [(await call(gateway, token))[0] for _ in range(2)]
+        if time.time() < exp:  # both answered before exp
+            break
+    assert statuses == [200, 200] and verifications(gateway) == checked + 1  # the second from the cache
+    while True:  # until refused: never accepted when sent after exp, never refused before it
+        sent = time.time()
+        result = await call(gateway, token)
+        if result[0] != 200:
+            break
+        assert sent <= exp, "a request sent after exp was accepted"
         await asyncio.sleep(0.05)
-    assert time.time() > int(now) + 2
-    assert_refused(gateway, await call(gateway, token), "expired")
+    assert time.time() > exp
+    assert_refused(gateway, result, "expired")
+
+
+async def test_the_verified_token_cache_drops_its_oldest_entry_at_cache_size(plugway_gateway, auth_config, key_files,
+                                                                             keys, sign, rs256_plugin):
+    gateway = await plugway_gateway(auth_config(rs256_plugin("cache_size = 2")))
+    first, second, third = (sign(keys.rsa, "RS256", jti=f"token-{n}") for n in range(3))
+
+    async def checked_after(*tokens: str) -> float:
+        for token in tokens:
+            assert (await call(gateway, token))[0] == 200
+        return verifications(gateway)
+
+    assert await checked_after(first, second, first, second) == 2  # two entries: both held
+    assert await checked_after(third) == 3  # a third: the oldest entry (first) goes
+    assert await checked_after(second, third) == 3
+    assert await checked_after(first) == 4  # checked in full again
+    uncached = await plugway_gateway(auth_config(rs256_plugin("cache_size = 0")))
+    for _ in range(3):
+        assert (await call(uncached, first))[0] == 200
+    assert verifications(uncached) == 3
 
 
 async def revoke(gateway, body: dict, token: str | None = None) -> tuple[int, dict]:
@@ -368,7 +399,7 @@ async def test_revocation_by_jti_and_by_consumer_through_the_admin_api(rs_gatewa
     other = sign(keys.rsa, "RS256", jti="token-2")
     assert (await call(rs_gateway, token))[0] == 200
     status, answer = await revoke(rs_gateway, {"jti": "token-1", "expires_at": time.time() + 300})
-    assert status == 200 and answer["revoked"] == {"jti": "token-1"} and 290 < answer["ttl"] <= 301
+    assert status == 200 and answer["revoked"] == {"jti": "token-1"} and 320 < answer["ttl"] <= 331  # + leeway
     await refused_within_a_second(rs_gateway, token)
     assert_refused(rs_gateway, await call(rs_gateway, token), "revoked", "the token has been revoked")
     assert (await call(rs_gateway, other))[0] == 200
@@ -380,6 +411,42 @@ async def test_revocation_by_jti_and_by_consumer_through_the_admin_api(rs_gatewa
     assert (await call(rs_gateway, sign(keys.rsa, "RS256", sub="bob")))[0] == 200
     for bad in ({}, {"jti": ""}, {"jti": "x", "consumer": "y"}, {"consumer": "a", "before": "now"}, [1]):
         assert (await revoke(rs_gateway, bad))[0] == 400
+
+
+def kept_until(redis, key: str) -> tuple[float, float]:
+    """When the store forgets a key: the Unix times between which its expiry falls."""
+    before = time.time()
+    milliseconds = int(redis.cli("pttl", "plugway:" + key))
+    after = time.time()
+    assert milliseconds > 0, (key, milliseconds)
+    return before + milliseconds / 1000, after + (milliseconds + 1) / 1000
+
+
+async def test_revocations_are_kept_in_the_store_as_long_as_the_tokens_they_cover(
+        plugway_gateway, auth_config, key_files, rs256_plugin, redis_server):
+    from plugway_auth.revocation import consumer_key, token_key
+
+    redis = redis_server()
+    store = f'[store]\nbackend = "redis"\nurl = "{redis.url}"\n'
+    gateway = await plugway_gateway(auth_config(rs256_plugin('leeway = "30s"\nmax_lifetime = "1h"'), extra=store))
+    longest = 3600 + 30  # max_lifetime + leeway
+
+    async def assert_kept(body: dict, key: str, earliest: float, latest: float) -> None:
+        """Revoke; the key must expire between earliest and latest (plus the call's own duration:
+        the store counts the TTL from when the key is written)."""
+        called = time.time()
+        assert (await revoke(gateway, body))[0] == 200
+        low, high = kept_until(redis, key)
+        assert earliest <= high and low <= latest + (time.time() - called), (key, low - earliest, high - latest)
+
+    exp = time.time() + 300  # the token is accepted until exp + leeway; the TTL is rounded up to a second
+    await assert_kept({"jti": "with-exp", "expires_at": exp}, token_key("with-exp"), exp + 30, exp + 31)
+    now = time.time()  # without exp: max_lifetime + leeway from the call
+    await assert_kept({"jti": "without-exp"}, token_key("without-exp"), now + longest, now + longest)
+    now = time.time()
+    await assert_kept({"consumer": "alice"}, consumer_key("alice"), now + longest, now + longest)
+    before = time.time() + 600  # tokens issued up to then are revoked: kept until the last one's end
+    await assert_kept({"consumer": "bob", "before": before}, consumer_key("bob"), before + longest, before + longest)
 
 
 @pytest.mark.parametrize("policy, status", [("fail_closed", 503), ("fail_open", 200)])

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import subprocess
 import time
+import tomllib
+from pathlib import Path
 
 import jwt
 import pytest
@@ -16,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.testing import PLUGWAY
 
 GATEWAY_ISSUER = "https://gateway.test"
+EXAMPLE = Path(__file__).resolve().parents[3] / "conf" / "examples" / "auth.toml"
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +41,19 @@ def endpoint_config(auth_config, keys, tmp_path, client_secret):
     rsa_file = tmp_path / "gw-rsa.pem"
     rsa_file.write_bytes(keys.private_pem(keys.rsa_other))
 
-    def build(plugin: str = "", oauth_route: str = "") -> str:
+    signing_keys = {"ES256": f'{{ kid = "gw-2026", algorithm = "ES256", private_key = {{ file = "{ec_file}" }} }}',
+                    "RS256": f'{{ kid = "gw-2025", algorithm = "RS256", private_key = {{ file = "{rsa_file}" }} }}'}
+
+    def build(plugin: str = "", oauth_route: str = "", signing: str = "ES256") -> str:
+        """Both keys published; ``signing`` names the one that signs (ES256: after the rotation)."""
+        published = [signing_keys[signing]] + [key for name, key in signing_keys.items() if name != signing]
         return auth_config(f"""
             {plugin}
             [plugins.auth.token_endpoint]
             issuer = "{GATEWAY_ISSUER}"
             audience = ["orders-api"]
             refresh_token_ttl = "1h"
-            signing_keys = [
-                {{ kid = "gw-2026", algorithm = "ES256", private_key = {{ file = "{ec_file}" }} }},
-                {{ kid = "gw-2025", algorithm = "RS256", private_key = {{ file = "{rsa_file}" }} }},
-            ]
+            signing_keys = [{", ".join(published)}]
             {client_secret[1]}
             [[plugins.auth.token_endpoint.clients]]
             id = "reports"
@@ -96,6 +102,17 @@ async def until_refused(gateway, token: str) -> float:
         await asyncio.sleep(0.01)
 
 
+async def published_claims(gateway, token: str) -> dict:
+    """The token's claims, verified by PyJWT with the key the gateway publishes under its kid."""
+    async with gateway.client.get("/.well-known/jwks.json") as response:
+        jwks = await response.json()
+    assert all("d" not in key for key in jwks["keys"])
+    header = jwt.get_unverified_header(token)
+    published = jwt.PyJWKSet.from_dict(jwks)[header["kid"]]
+    return jwt.decode(token, published, algorithms=[header["alg"]], audience="orders-api", issuer=GATEWAY_ISSUER,
+                      options={"require": ["exp", "iat", "jti"]})
+
+
 async def test_client_credentials_tokens_work_on_routes_and_verify_against_the_published_keys(
         plugway_gateway, endpoint_config, client_secret, upstream):
     gateway = await plugway_gateway(endpoint_config())
@@ -108,12 +125,9 @@ async def test_client_credentials_tokens_work_on_routes_and_verify_against_the_p
     async with gateway.client.get("/.well-known/jwks.json") as response:
         jwks = await response.json()
     assert [key["kid"] for key in jwks["keys"]] == ["gw-2026", "gw-2025"]  # both published during a rotation
-    assert all("d" not in key for key in jwks["keys"])
     header = jwt.get_unverified_header(answer["access_token"])
     assert (header["kid"], header["alg"], header["typ"]) == ("gw-2026", "ES256", "at+jwt")
-    published = jwt.PyJWKSet.from_dict(jwks)[header["kid"]]
-    claims = jwt.decode(answer["access_token"], published, algorithms=["ES256"], audience="orders-api",
-                        issuer=GATEWAY_ISSUER, options={"require": ["exp", "iat", "jti"]})
+    claims = await published_claims(gateway, answer["access_token"])
     assert (claims["sub"], claims["client_id"], claims["exp"] - claims["iat"]) == ("billing", "billing", 300)
     assert await api_status(gateway, answer["access_token"]) == 200
     seen = upstream.requests[-1]["headers"]
@@ -123,6 +137,27 @@ async def test_client_credentials_tokens_work_on_routes_and_verify_against_the_p
                                                              "client_secret": secret})
     assert status == 200 and answer["scope"] == "orders:read orders:write" and "refresh_token" in answer
     assert not any(r["path"].startswith(("/oauth", "/.well-known")) for r in upstream.requests)
+
+
+async def test_rs256_signing_and_tokens_of_the_previous_key_after_a_rotation(plugway_gateway, endpoint_config,
+                                                                              client_secret, keys):
+    """Before the rotation the RS256 key signs; after it the ES256 key does, and the RS256 key,
+    still published, keeps the tokens it signed valid until they expire."""
+    auth, grant = basic("billing", client_secret[0]), {"grant_type": "client_credentials"}
+    before = await plugway_gateway(endpoint_config(signing="RS256"))
+    token = (await post(before, "/oauth/token", grant, auth))[1]["access_token"]
+    header = jwt.get_unverified_header(token)
+    assert (header["alg"], header["kid"], header["typ"]) == ("RS256", "gw-2025", "at+jwt")
+    claims = await published_claims(before, token)
+    assert (claims["sub"], claims["roles"]) == ("billing", ["service"])
+    assert await api_status(before, token) == 200
+    after = await plugway_gateway(endpoint_config(signing="ES256"))
+    assert await api_status(after, token) == 200  # published, no longer signing
+    new_token = (await post(after, "/oauth/token", grant, auth))[1]["access_token"]
+    assert jwt.get_unverified_header(new_token)["alg"] == "ES256"
+    assert (await published_claims(after, new_token))["sub"] == "billing"
+    forged = jwt.encode(claims, keys.rsa, algorithm="RS256", headers={"kid": "gw-2025", "typ": "at+jwt"})
+    assert await api_status(after, forged) == 401  # the same claims and kid, signed by a key never published
 
 
 async def test_client_authentication_and_request_errors(plugway_gateway, endpoint_config, client_secret):
@@ -232,18 +267,40 @@ async def test_introspection_rfc_7662(plugway_gateway, endpoint_config, client_s
     assert (await post(gateway, "/oauth/introspect", {"token": tokens["refresh_token"]}))[0] == 401
 
 
-async def test_the_rate_limiting_plugin_limits_the_token_endpoint(plugway_gateway, endpoint_config, client_secret):
-    gateway = await plugway_gateway(endpoint_config(oauth_route="""
-        [[routes.plugins.ratelimit.limits]]
-        key = "ip"
-        rate = "5/15m"
-    """))
-    statuses = []
-    for attempt in range(6):
-        status, _, _ = await post(gateway, "/oauth/token", {"grant_type": "client_credentials"},
-                                  basic("billing", f"guess-{attempt}"))
-        statuses.append(status)
-    assert statuses == [401] * 5 + [429]
-    status, _, _ = await post(gateway, "/oauth/token", {"grant_type": "client_credentials"},
-                              basic("billing", client_secret[0]))
-    assert status == 429  # refused before the secret is even checked
+def example_limits(route: str) -> str:
+    """The rate limits of a route in the token endpoint block of conf/examples/auth.toml (commented
+    out there), as [[routes.plugins.ratelimit.limits]] tables."""
+    text = EXAMPLE.read_text()
+    block = text[text.index("# [[routes]]"):text.index("# --- end of the token endpoint")]
+    table = tomllib.loads("\n".join(line[2:] if line.startswith("# ") else "" for line in block.splitlines()))
+    limits = next(r for r in table["routes"] if r["name"] == route)["plugins"]["ratelimit"]["limits"]
+    return "\n".join("[[routes.plugins.ratelimit.limits]]\n" + "\n".join(f"{name} = {json.dumps(value)}"
+                                                                        for name, value in limit.items())
+                     for limit in limits)
+
+
+async def test_the_example_rate_limits_the_token_endpoint_per_client_and_guesses_per_address(
+        plugway_gateway, endpoint_config, client_secret):
+    """conf/examples/auth.toml: 5 token requests per 15 minutes per client (its Basic credentials),
+    and 30 per 15 minutes per address, which is what limits guesses: each wrong secret is a new
+    Authorization value, a new client for the first limit."""
+    limits = example_limits("oauth-token")
+    assert 'key = "header:Authorization"\nrate = "5/15m"' in limits and 'key = "ip"\nrate = "30/15m"' in limits
+    gateway = await plugway_gateway(endpoint_config(oauth_route=limits))
+    started = time.monotonic()
+
+    async def statuses(client: str, secret: str, times: int = 1) -> list[int]:
+        return [(await post(gateway, "/oauth/token", {"grant_type": "client_credentials"}, basic(client, secret)))[0]
+                for _ in range(times)]
+
+    assert await statuses("billing", client_secret[0], 6) == [200] * 5 + [429]
+    assert await statuses("reports", client_secret[0], 6) == [200] * 5 + [429]  # its own 5
+    assert await statuses("billing", client_secret[0]) == [429]
+    guesses: list[int] = []
+    while 429 not in guesses:
+        guesses += await statuses("billing", f"guess-{len(guesses)}")
+    # 30 for the address, 10 of them taken above (refused requests count for no limit), plus what
+    # the bucket refilled meanwhile (one every 30 s)
+    assert set(guesses[:-1]) == {401} and 20 <= len(guesses) - 1 <= 20 + (time.monotonic() - started) / 30
+    assert gateway.metric("plugway_auth_token_endpoint_requests_total", endpoint="token",
+                          result="invalid_client") == len(guesses) - 1  # the refused guess was never checked

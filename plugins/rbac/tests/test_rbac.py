@@ -1,4 +1,6 @@
-"""The RBAC plugin on a real gateway, against a real upstream, with a stand-in for the auth plugin."""
+"""The RBAC plugin on a real gateway, against a real upstream, with a stand-in for the auth plugin.
+(plugins/auth/tests/test_auth_rbac.py runs it with the real auth plugin and real JWTs: the
+auth tests' fixtures make the keys and tokens.)"""
 
 import asyncio
 import json
