@@ -127,8 +127,10 @@ class CacheSettings:
             kind, _, name = item.partition(":")
             parts.append((item.lower() if name else item, kind, name.strip()))
         object.__setattr__(self, "key_parts", tuple(parts))
-        object.__setattr__(self, "per_principal", "consumer" in self.key_extra or any(
+        # Keys that tell callers apart, so that RFC 9111 section 3.5 need not apply (serving.lookup):
+        object.__setattr__(self, "keyed_by_authorization", any(
             kind == "header" and name.lower() == "authorization" for _, kind, name in parts))
+        object.__setattr__(self, "keyed_by_consumer", "consumer" in self.key_extra)
 
     def validate(self):
         if not set(self.default_ttl_statuses) <= set(self.statuses):

@@ -30,7 +30,6 @@ from collections.abc import Iterable, Mapping
 ENTRY_PREFIX = "cache:"
 LOCK_PREFIX = "cache-lock:"
 TAG_PREFIX = "cache-tag:"
-TAG_EPOCH = 86400.0  # tag index sets rotate daily; tagged entries are kept at most this long (stores.py)
 _HASH_OVER = 64
 
 
@@ -105,10 +104,9 @@ def lock_key(key: str) -> str:
     return LOCK_PREFIX + key.removeprefix(ENTRY_PREFIX)
 
 
-def tag_set_keys(tag: str, now: float) -> tuple[str, str]:
-    """The index sets of a tag: this epoch's (written) and the previous one's (still read)."""
-    epoch = int(now // TAG_EPOCH)
-    return f"{TAG_PREFIX}{tag}:{epoch}", f"{TAG_PREFIX}{tag}:{epoch - 1}"
+def tag_key(tag: str) -> str:
+    """The store set listing the keys of a tag's entries (shared store)."""
+    return TAG_PREFIX + tag
 
 
 def parse_tags(values: Iterable[str], limit: int = 32) -> tuple[str, ...]:

@@ -134,6 +134,14 @@ def _part(ctx: Any, kind: str, argument: str) -> str | None:
     return ctx.request.cookies.get(argument)
 
 
+def _per_caller(ctx: Any, settings: Any) -> bool:
+    """Whether this request's key is its caller's own: by its Authorization header, or by the
+    consumer an auth plugin established (without one, every caller has "consumer=-")."""
+    consumer = ctx.consumer
+    return settings.keyed_by_authorization or (
+        settings.keyed_by_consumer and consumer is not None and not consumer.anonymous)
+
+
 def _bypass_reason(ctx: Any, settings: Any) -> str | None:
     headers = ctx.request.headers
     if settings.authorization == "bypass" and "Authorization" in headers:
@@ -169,7 +177,7 @@ async def lookup(ctx: Any, settings: Any, state: CacheState) -> Response | None:
     if settings.honor_request_cache_control:
         req.request_cc = _request_directives(headers)
         req.storable = req.request_cc is None or "no-store" not in req.request_cc
-    req.authorized = settings.authorization == "rfc" and "Authorization" in headers and not settings.per_principal
+    req.authorized = settings.authorization == "rfc" and "Authorization" in headers and not _per_caller(ctx, settings)
     try:
         return await _find_or_lead(ctx, req, state)
     except StoreUnavailable as exc:

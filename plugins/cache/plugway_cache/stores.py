@@ -5,10 +5,9 @@ does not care which one a route uses. Records are objects in memory and bytes (s
 ``entries.encode``) in the shared store.
 
 The shared store (``gateway.store``) is host-wide (the local store process) or Redis. A tag's
-index is a store set per day (``keys.tag_set_keys``): set_add gives a set its TTL only when it
-creates it, so a set created for a short-lived entry would vanish before longer-lived ones
-added later. With daily sets kept two days, and tagged entries kept at most a day, every
-entry still stored is in this day's or yesterday's set.
+index is one store set (``keys.tag_key``) of the keys of its entries: every ``set_add``
+extends the set's TTL to the entry's (never shortens it), so the set outlives every entry
+listed in it.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import time
 from collections import OrderedDict
 
 from .entries import Entry, Record, decode, encode
-from .keys import ENTRY_PREFIX, TAG_EPOCH, lock_key, tag_set_keys
+from .keys import ENTRY_PREFIX, lock_key, tag_key
 
 
 class MemoryStore:
@@ -98,9 +97,8 @@ class SharedStore:
 
     shared = True
 
-    def __init__(self, store, clock=time.time) -> None:
+    def __init__(self, store) -> None:
         self.store = store
-        self.clock = clock
 
     async def get(self, key: str) -> Record | None:
         return decode(await self.store.get(key))
@@ -109,13 +107,9 @@ class SharedStore:
         if ttl <= 0:
             await self.store.delete(key)
             return
-        tags = record.tags if isinstance(record, Entry) else ()
-        if tags:
-            ttl = min(ttl, TAG_EPOCH)
         await self.store.set(key, encode(record), float(ttl))
-        for tag in tags:
-            current, _ = tag_set_keys(tag, self.clock())
-            await self.store.set_add(current, key, ttl=2 * TAG_EPOCH)
+        for tag in record.tags if isinstance(record, Entry) else ():
+            await self.store.set_add(tag_key(tag), key, ttl=float(ttl))
 
     async def delete(self, key: str) -> int:
         return await self.store.delete(key)
@@ -137,12 +131,10 @@ class SharedStore:
         return await self.store.delete_prefix(prefix)
 
     async def purge_tag(self, tag: str) -> int:
-        removed = 0
-        for index in tag_set_keys(tag, self.clock()):
-            members = await self.store.set_members(index)
-            if members:
-                removed += await self.store.delete(*members)
-            await self.store.delete(index)
+        index = tag_key(tag)
+        members = await self.store.set_members(index)
+        removed = await self.store.delete(*members) if members else 0
+        await self.store.delete(index)
         return removed
 
 

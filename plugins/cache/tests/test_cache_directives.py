@@ -176,4 +176,6 @@ def test_route_settings_checks():
     assert errors('memory_size = "2MiB"', '[routes.plugins.cache]\nsort_query = true') == []
     settings = CacheSettings(key_extra=("consumer", "header:X-Tenant"))
     assert settings.key_parts == (("consumer", "consumer", ""), ("header:x-tenant", "header", "X-Tenant"))
-    assert settings.per_principal and not CacheSettings().per_principal
+    assert settings.keyed_by_consumer and not settings.keyed_by_authorization
+    assert CacheSettings(key_extra=("header:authorization",)).keyed_by_authorization
+    assert not CacheSettings().keyed_by_consumer and not CacheSettings().keyed_by_authorization

@@ -90,6 +90,23 @@ async def test_the_shared_store_indexes_tags_and_purges_them():
     assert not await shared.locked("cache:/c")
 
 
+async def test_a_tags_index_outlives_every_entry_in_it():
+    """The index set's TTL follows its longest-lived entry, whichever was added first: a tagged
+    entry can be kept for days and still be purged by its tag."""
+    store = InProcessStore(10_000, 10**7)
+    clock = [1000.0]
+    store.table.clock = lambda: clock[0]
+    shared = SharedStore(store)
+    await shared.put("cache:/short", entry(tags=("t",)), 10)
+    await shared.put("cache:/long", entry(tags=("t",)), 3 * 86400)
+    await shared.put("cache:/shorter", entry(tags=("t",)), 5)  # never shortens the index's TTL
+    clock[0] += 2 * 86400
+    assert [await shared.get(f"cache:/{name}") is not None for name in ("short", "long", "shorter")] == [
+        False, True, False]
+    assert await shared.purge_tag("t") == 1
+    assert await shared.get("cache:/long") is None
+
+
 async def test_the_purge_log_reaches_a_memory_store():
     store = InProcessStore(10_000, 10**7)
     memory = MemoryStore(10**6)
