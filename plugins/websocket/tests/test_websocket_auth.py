@@ -102,3 +102,33 @@ async def test_rate_limited_handshakes_get_429(plugway_gateway, ws_upstream, ws_
     status, body = await refused(ws_connect, ws_url(gateway, "/ws/echo"), **headers)
     assert (status, body["error"]["code"]) == (429, "rate_limited")
     assert len(ws_upstream.record.handshakes) == 2
+
+
+async def test_rbac_refuses_a_handshake_whose_role_lacks_the_permission_with_403(plugway_gateway, ws_upstream,
+                                                                                 ws_config, ws_connect, ws_url, refused,
+                                                                                 secret_file):
+    gateway = await plugway_gateway(ws_config(ws_upstream.base, extra=auth_plugins(secret_file) + """
+        [plugins.rbac.roles]
+        viewer = { permissions = ["chat:read"] }
+        member = { inherits = ["viewer"], permissions = ["chat:write"] }
+        [[plugins.rbac.rules]]
+        methods = ["GET"]
+        path = "/ws/**"
+        require = ["chat:write"]
+    """))
+    url = ws_url(gateway, "/ws/echo")
+
+    def bearer(role: str) -> dict:
+        return {"additional_headers": {"Authorization": f"Bearer {token(secret_file, roles=[role])}"}}
+
+    status, body = await refused(ws_connect, url, **bearer("viewer"))
+    assert (status, body["error"]["code"]) == (403, "forbidden")  # an HTTP answer: never a 101
+    assert "chat:write" in body["error"]["message"]
+    assert ws_upstream.record.handshakes == []  # nothing was opened upstream either
+    assert gateway.metric("plugway_websocket_connections", route="ws") == 0
+    async with ws_connect(url, **bearer("member")) as ws:
+        await ws.send("allowed")
+        assert await ws.recv() == "allowed"
+    assert [seen["headers"]["X-Consumer-Roles"] for seen in ws_upstream.record.handshakes] == ["member"]
+    assert gateway.metric("plugway_rbac_decisions_total", route="ws", result="forbidden") == 1
+    assert gateway.metric("plugway_websocket_handshake_refusals_total", route="ws", reason="forbidden") == 1

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+from datetime import UTC, datetime
 
 import pytest
 import websockets
@@ -34,6 +36,15 @@ def holds_listener(pid: int, port: int) -> bool:
     return False
 
 
+def logged_at(gateway, text: str) -> float:
+    """When the gateway's own log (JSON lines on stderr) says ``text``, by its clock (whole milliseconds)."""
+    for line in gateway.stderr_path.read_text().splitlines():
+        entry = json.loads(line) if line.startswith("{") else {}
+        if text in entry.get("message", ""):
+            return datetime.strptime(entry["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
+    raise AssertionError(f"not logged: {text}")
+
+
 async def echo(ws, text: str) -> None:
     await ws.send(text)
     assert await asyncio.wait_for(ws.recv(), 5) == text
@@ -47,12 +58,10 @@ async def test_a_reload_drains_websockets_with_1001_and_new_ones_go_to_the_new_w
     old = [await ws_connect(url) for _ in range(3)]
     for index, ws in enumerate(old):
         await echo(ws, f"old {index}")
-    loop = asyncio.get_running_loop()
 
     assert holds_listener(old_pid, gateway.port)
     gateway.signal(signal.SIGHUP)
     await eventually(lambda: not holds_listener(old_pid, gateway.port), timeout=30)  # the old worker is draining
-    reloaded = loop.time()
     new = await ws_connect(url)  # accepted by the new worker at once
     await echo(new, "new")
     for index, ws in enumerate(old):
@@ -62,7 +71,10 @@ async def test_a_reload_drains_websockets_with_1001_and_new_ones_go_to_the_new_w
         with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 15)
         assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "going away")  # never 1006
-    assert loop.time() - reloaded >= 1.0  # kept until drain_timeout (2s from the start of the drain)
+    await eventually(lambda: gateway.logged("drain_timeout reached: closing 3 WebSockets"))
+    drained_for = (logged_at(gateway, "drain_timeout reached: closing 3 WebSockets")
+                   - logged_at(gateway, "draining: 3 open WebSockets"))
+    assert drained_for >= 2 - 0.002  # kept for drain_timeout, by the worker's own clock (log times: whole ms)
     await eventually(lambda: threaded_upstream.record.closes.count((1001, "going away")) == 3)
     await eventually(lambda: old_pid not in {w["pid"] for w in gateway.status().get("workers", [])}, timeout=30)
     await echo(new, "the new worker keeps it")  # it was never on the old worker
@@ -105,18 +117,18 @@ def test_drain_timeout_must_be_below_the_graceful_timeout(tmp_path, ws_config):
 
 async def test_a_draining_worker_refuses_new_handshakes_and_keeps_open_ones_until_the_deadline(
         plugway_gateway, ws_upstream, ws_config, ws_connect, ws_url, refused, eventually):
-    gateway = await plugway_gateway(ws_config(ws_upstream.base, 'drain_timeout = "800ms"'))
+    gateway = await plugway_gateway(ws_config(ws_upstream.base, 'drain_timeout = "2s"'))
     url = ws_url(gateway, "/ws/echo")
     ws = await ws_connect(url)
     await echo(ws, "before")
     loop = asyncio.get_running_loop()
     await gateway.gateway.drain_plugins()  # what the worker does once it has stopped accepting
-    draining = loop.time()
+    draining = gateway.gateway.state["websocket"].draining_since  # by this loop's clock: the gateway runs in it
     status, body = await refused(ws_connect, url)
     assert (status, body["error"]["code"]) == (503, "websocket_draining")
     await echo(ws, "during the drain")
     with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
         await asyncio.wait_for(ws.recv(), 10)
     assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1001, "going away")
-    assert 0.7 <= loop.time() - draining < 5
+    assert 2 <= loop.time() - draining < 6  # the sweeper visits at most a second apart
     await eventually(lambda: ws_upstream.record.closes == [(1001, "going away")])

@@ -57,6 +57,32 @@ class Exploding:
             raise RuntimeError("boom")
 
 
+class Recorder:
+    """Records its WebSocket hooks in ``events``; its (async) open hook fails for a client sending X-Fail-Open."""
+
+    def __init__(self, upstream: UpstreamRecord) -> None:
+        self.upstream = upstream
+        self.events: list[tuple] = []
+
+    @hookimpl
+    def declare_plugin(self):
+        return PluginDeclaration(priority=400)
+
+    @hookimpl
+    async def websocket_open(self, ctx):
+        self.events.append(("open", len(self.upstream.handshakes)))  # handshakes the upstream had accepted
+        if "X-Fail-Open" in ctx.request.headers:
+            raise RuntimeError("no")
+
+    @hookimpl
+    def websocket_message(self, direction):
+        self.events.append(("message", direction))
+
+    @hookimpl
+    def websocket_close(self, code):
+        self.events.append(("close", code))
+
+
 async def test_messages_echo_and_the_handshake_is_forwarded_like_http(plugway_gateway, ws_upstream, ws_config,
                                                                      ws_connect, ws_url):
     gateway = await plugway_gateway(ws_config(ws_upstream.base, extra="[plugins.identity]\n[plugins.below]\n"),
@@ -340,6 +366,34 @@ async def test_a_failing_message_hook_closes_the_client_with_1011(plugway_gatewa
             await ws.recv()
     assert closed.value.rcvd.code == 1011
     await eventually(lambda: ws_upstream.record.closes == [(1001, "gateway error")])
+
+
+async def test_websocket_open_is_called_once_both_sides_are_open(plugway_gateway, ws_upstream, ws_config, ws_connect,
+                                                                ws_url, eventually):
+    recorder = Recorder(ws_upstream.record)
+    gateway = await plugway_gateway(ws_config(ws_upstream.base, extra="[plugins.recorder]\n"),
+                                    plugins={"recorder": recorder})
+    async with ws_connect(ws_url(gateway, "/ws/echo")) as ws:
+        await ws.send("hi")
+        assert await ws.recv() == "hi"
+    await eventually(lambda: recorder.events[-1:] == [("close", 1000)])
+    assert recorder.events == [("open", 1), ("message", "client"), ("message", "upstream"), ("close", 1000)]
+
+
+async def test_a_failing_open_hook_closes_the_client_with_1011(plugway_gateway, ws_upstream, ws_config, ws_connect,
+                                                               ws_url, eventually):
+    recorder = Recorder(ws_upstream.record)
+    gateway = await plugway_gateway(ws_config(ws_upstream.base, extra="[plugins.recorder]\n"),
+                                    plugins={"recorder": recorder})
+    async with ws_connect(ws_url(gateway, "/ws/echo"), additional_headers={"X-Fail-Open": "1"}) as ws:
+        await ws.send("never relayed")
+        with pytest.raises(websockets.exceptions.ConnectionClosed) as closed:
+            await ws.recv()
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1011, "gateway error")
+    await eventually(lambda: ws_upstream.record.closes == [(1001, "gateway error")])
+    await eventually(lambda: recorder.events[-1:] == [("close", 1011)])
+    assert recorder.events == [("open", 1), ("close", 1011)]  # no message went through
+    assert ws_upstream.record.received == []
 
 
 async def test_metrics_count_connections_messages_and_bytes_by_direction(plugway_gateway, ws_upstream, ws_config,

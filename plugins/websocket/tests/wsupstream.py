@@ -26,6 +26,8 @@ class UpstreamRecord:
     pongs: list[bytes] = field(default_factory=list)
     closes: list[tuple[int | None, str]] = field(default_factory=list)
     sent_bytes: int = 0
+    received_bytes: int = 0  # by ``/sink``
+    start_reading: threading.Event = field(default_factory=threading.Event)  # set by the test: ``/sink`` reads
 
 
 async def _echo(ws: web.WebSocketResponse, record: UpstreamRecord) -> None:
@@ -72,10 +74,20 @@ async def _flood(ws: web.WebSocketResponse, record: UpstreamRecord, total: int, 
     record.closes.append((message.data, message.extra))
 
 
+async def _sink(ws: web.WebSocketResponse, record: UpstreamRecord) -> None:
+    """Read nothing until the test sets ``record.start_reading``, then count the bytes of binary messages."""
+    while not record.start_reading.is_set():
+        await asyncio.sleep(0.05)
+    while (message := await ws.receive()).type is WSMsgType.BINARY:
+        record.received_bytes += len(message.data)
+    record.closes.append((message.data, message.extra))
+    await ws.close()
+
+
 async def ws_handler(request: web.BaseRequest, record: UpstreamRecord) -> web.StreamResponse:
     """The upstream: ``/echo...`` echoes, ``/die`` resets its connection after the first message,
     ``/refuse`` answers 403, ``/plain`` is plain HTTP, ``/flood?mib=N&size=S`` sends N MiB in messages
-    of S bytes (default 1 MiB)."""
+    of S bytes (default 1 MiB), ``/sink`` reads nothing until told to (``_sink``)."""
     if request.path == "/refuse":
         return web.Response(status=403, text="no")
     if request.path == "/plain":
@@ -89,6 +101,8 @@ async def ws_handler(request: web.BaseRequest, record: UpstreamRecord) -> web.St
         request.transport.abort()
     elif request.path.startswith("/flood"):
         await _flood(ws, record, int(request.query["mib"]) * MIB, int(request.query.get("size", MIB)))
+    elif request.path == "/sink":
+        await _sink(ws, record)
     else:
         await _echo(ws, record)
     return ws
