@@ -18,13 +18,14 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from .config.units import Duration
 from .errors import (
     BodyTooLarge, GatewayError, RequestTimeout, UpstreamBusy, UpstreamInvalidResponse, UpstreamTimeout,
     UpstreamUnreachable,
 )
 from .messages import OutgoingRequest, UpstreamResponse
 from .upstream.connection import PrematureClose
-from .upstream.pool import ConnectFailure, ConnectTimeout
+from .upstream.pool import ConnectFailure, ConnectTimeout, HandshakeFailure
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -41,14 +42,19 @@ async def send(ctx: RequestContext, outgoing: OutgoingRequest, upstream: Upstrea
     Retries, within the upstream's retry budget, what ``retries.on`` names (for the methods
     in ``retries.methods``, and only when the body is in memory), on another target where
     there is one. The caller owns the response and must call ``finish(ctx, response)``.
+
+    Timeouts, each a bound of its own (the first to expire wins, none lengthens another):
+    ``connect_timeout`` per connection, ``per_try_timeout`` for each try's response head,
+    ``read_timeout`` for the head and then each gap between body bytes, and ``timeout``
+    across every try and backoff until the response head (not the body: a long download or
+    event stream is bounded by ``read_timeout`` between its bytes). The route's
+    ``connect_timeout``, ``read_timeout`` and ``timeout`` replace the upstream's.
     """
     request = ctx.request
     settings = upstream.settings
     body = outgoing.body
     if body is None and request.body_exists:
-        length = request.content_length
-        if length is not None and length > ctx.gateway.settings.server.client_max_body:
-            raise BodyTooLarge()
+        length = request.content_length  # over client_max_body, refused at the door (server._admit)
         if length is not None and length <= BUFFER_BODY_UP_TO:
             body = await _read_small_body(ctx, length)
     if settings.max_concurrent and upstream.in_flight >= settings.max_concurrent:
@@ -66,7 +72,8 @@ async def send(ctx: RequestContext, outgoing: OutgoingRequest, upstream: Upstrea
             exchange = await _tries(ctx, outgoing, upstream, body)
     except TimeoutError:
         upstream.in_flight -= 1
-        raise UpstreamTimeout(f"the upstream gave no answer within {total}s") from None
+        raise UpstreamTimeout(f"the upstream sent no response head within timeout ({Duration(total)}), "
+                              "across every try") from None
     except BaseException:
         upstream.in_flight -= 1
         raise
@@ -125,9 +132,14 @@ def _counts_against_target(error: GatewayError) -> bool:
 
 
 def _never_reached(error: GatewayError) -> bool:
-    """The try never got to the target (refused, unreachable, connect timeout): retrying it
-    elsewhere adds nothing to any target's load, so it costs nothing from the retry budget."""
-    return isinstance(error, (ConnectFailure, ConnectTimeout))
+    """The try never got to the target (refused, unreachable, name not resolved): retrying it
+    elsewhere adds nothing to any target's load, so it costs nothing from the retry budget.
+
+    A connect timeout is not one of these: it is what an overloaded target looks like (its
+    accept queue full, the kernel drops the SYNs), so its retries spend budget like any other,
+    lest free retries amplify the overload. Nor is a failed TLS handshake: the target did it.
+    """
+    return isinstance(error, ConnectFailure) and not isinstance(error, HandshakeFailure)
 
 
 def _retryable(error: GatewayError, conditions: tuple[str, ...]) -> bool:
@@ -149,12 +161,13 @@ async def _exchange(
 ) -> Exchange:
     settings = upstream.settings
     route = ctx.route.settings
-    read_timeout = settings.retries.per_try_timeout or route.read_timeout or settings.read_timeout
+    read_timeout = route.read_timeout or settings.read_timeout
+    per_try_timeout = settings.retries.per_try_timeout
     connect_timeout = route.connect_timeout or settings.connect_timeout
     head = _request_head(ctx, outgoing, target, body)
     for attempt in (1, 2):
         connection, reused = await target.pool.acquire(connect_timeout)
-        exchange = connection.begin(outgoing.method == "HEAD", read_timeout)
+        exchange = connection.begin(outgoing.method == "HEAD", read_timeout, per_try_timeout)
         try:
             if body is not None or not ctx.request.body_exists:
                 connection.write(head + body if body else head)

@@ -4,8 +4,9 @@ Every request to the upstream deposits ``ratio`` of a token; every retry spends 
 one, and is not made when there is none. So with an upstream failing every request, it
 sees at most (1 + ratio) times the requests the clients sent, never a retry storm. The
 balance is capped, so a long calm spell does not bank a storm either. A try that never
-reached its target (connection refused, connect timeout) is retried without spending from
-the budget: it added nothing to anyone's load.
+reached its target (connection refused, name not resolved) is retried without spending from
+the budget: it added nothing to anyone's load. A connect timeout does spend: it is what an
+overloaded target (its accept queue full) looks like.
 """
 
 from __future__ import annotations

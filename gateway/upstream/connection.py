@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpResponseParser
 
+from ..config.units import Duration
 from ..errors import GatewayError, UpstreamInvalidResponse, UpstreamTimeout, UpstreamUnreachable
 from ..forwarding import CONNECTION_OPTIONS, HOP_BY_HOP, connection_tokens
 
@@ -94,8 +95,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # used by the proxy
 
-    def begin(self, head_request: bool, read_timeout: float) -> Exchange:
-        self._exchange = Exchange(self, head_request, read_timeout)
+    def begin(self, head_request: bool, read_timeout: float, per_try_timeout: float | None = None) -> Exchange:
+        self._exchange = Exchange(self, head_request, read_timeout, per_try_timeout)
         return self._exchange
 
     def write(self, data: bytes) -> None:
@@ -141,20 +142,35 @@ def _expire(waiter: asyncio.Future, message: str) -> None:
         waiter.set_exception(UpstreamTimeout(message))
 
 
+def _expire_read(waiter: asyncio.Future, what: str, setting: str, limit: float) -> None:
+    """A read timeout expired: the message names the setting, so a log tells which one fired."""
+    if not waiter.done():
+        waiter.set_exception(UpstreamTimeout(f"the upstream sent no {what} within {setting} ({Duration(limit)})"))
+
+
 class Exchange:
-    """The response to one request on one connection, as llhttp parses it."""
+    """The response to one request on one connection, as llhttp parses it.
+
+    Two bounds, each on its own, the first to expire wins: ``read_timeout`` for the response
+    head and then for each gap between body bytes, and ``per_try_timeout`` (when there is
+    one) for the response head only. Neither lengthens the other.
+    """
 
     __slots__ = (
-        "connection", "loop", "head_request", "read_timeout", "parser", "status", "reason", "headers",
-        "head_bytes", "head_done", "complete", "error", "body", "buffered", "keep_alive", "_until_eof",
+        "connection", "loop", "head_request", "read_timeout", "per_try_timeout", "parser", "status", "reason",
+        "headers", "head_bytes", "head_done", "complete", "error", "body", "buffered", "keep_alive", "_until_eof",
         "_waiter", "_paused", "content_length", "_transfer_encoding", "_chunked", "_saw_byte", "_connection_named",
     )
 
-    def __init__(self, connection: UpstreamConnection, head_request: bool, read_timeout: float) -> None:
+    def __init__(
+        self, connection: UpstreamConnection, head_request: bool, read_timeout: float,
+        per_try_timeout: float | None = None,
+    ) -> None:
         self.connection = connection
         self.loop = connection.loop
         self.head_request = head_request
         self.read_timeout = read_timeout
+        self.per_try_timeout = per_try_timeout
         self.parser = HttpResponseParser(self)
         self.status = 0
         self.reason = b""
@@ -283,9 +299,9 @@ class Exchange:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _wait(self, what: str) -> None:
+    async def _wait(self, timeout: float, what: str, setting: str, limit: float) -> None:
         self._waiter = self.loop.create_future()
-        timer = self.loop.call_later(self.read_timeout, _expire, self._waiter, f"the upstream sent no {what} in time")
+        timer = self.loop.call_later(timeout, _expire_read, self._waiter, what, setting, limit)
         try:
             await self._waiter
         except UpstreamTimeout as exc:
@@ -302,11 +318,20 @@ class Exchange:
         return self._saw_byte
 
     async def head(self) -> None:
-        """Wait for the status line and headers of the final response."""
+        """Wait for the status line and headers of the final response.
+
+        Within ``read_timeout``, or ``per_try_timeout`` when that is shorter; the error names
+        the one that expired.
+        """
+        if self.per_try_timeout is not None and self.per_try_timeout < self.read_timeout:
+            limit, name = self.per_try_timeout, "per_try_timeout"
+        else:
+            limit, name = self.read_timeout, "read_timeout"
+        deadline = self.loop.time() + limit
         while not self.head_done:
             if self.error is not None:
                 raise self.error
-            await self._wait("response")
+            await self._wait(max(0.0, deadline - self.loop.time()), "response head", name, limit)
         if self.error is not None:
             raise self.error
 
@@ -329,7 +354,7 @@ class Exchange:
                 raise self.error
             if self.complete:
                 return
-            await self._wait("body bytes")
+            await self._wait(self.read_timeout, "body bytes", "read_timeout", self.read_timeout)
 
     def _resume(self) -> None:
         if self._paused and self.buffered < BODY_LOW_WATER:

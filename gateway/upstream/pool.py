@@ -12,14 +12,22 @@ import asyncio
 import ssl
 from collections import deque
 
+from ..config.units import Duration
 from ..errors import UpstreamBusy, UpstreamTimeout, UpstreamUnreachable
 
 
 class ConnectFailure(UpstreamUnreachable):
-    """No connection could be made (refused, unreachable, DNS, TLS): nothing was sent."""
+    """No connection could be made (refused, unreachable, DNS): nothing reached the target."""
+
+
+class HandshakeFailure(ConnectFailure):
+    """The TCP connection was made but TLS failed: the target did a handshake's work."""
 
 
 class ConnectTimeout(UpstreamTimeout):
+    """The connection was not made within connect_timeout: the target may be overloaded (its
+    accept queue full, so it drops SYNs), or unreachable."""
+
     message = "connecting to the upstream timed out"
 from .connection import UpstreamConnection
 from .resolver import Resolver
@@ -118,10 +126,11 @@ class ConnectionPool:
                 )
         except TimeoutError:
             self.open -= 1
-            raise ConnectTimeout() from None
+            raise ConnectTimeout(
+                f"connecting to the upstream took longer than connect_timeout ({Duration(timeout)})") from None
         except ssl.SSLError as exc:
             self.open -= 1
-            raise ConnectFailure(f"TLS with the upstream failed: {exc.reason or 'handshake error'}") from None
+            raise HandshakeFailure(f"TLS with the upstream failed: {exc.reason or 'handshake error'}") from None
         except OSError as exc:
             self.open -= 1
             raise ConnectFailure(f"the upstream refused the connection ({exc.strerror or exc})") from None
