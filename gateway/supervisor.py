@@ -259,6 +259,8 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         for signum in SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
+        # USR1 (logrotate) would kill a worker still starting: ignored until the worker handles it.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         for fd in [self._wakeup_read, self._wakeup_write] + [w.channel.fd for w in self.workers.values()]:
             os.close(fd)
         for other in self.slots:

@@ -281,6 +281,8 @@ class Worker:
         require_c_parser()
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
+        if self._handle_signals:  # before the access log is opened, so that no rotation is missed
+            loop.add_signal_handler(signal.SIGUSR1, self._reopen_logs)
         plugins = self._plugins or load_plugins(self.settings)
         gateway = self.gateway = Gateway(self.settings, plugins, loop, self._store_path)
         gateway.status_file = self._status_file
@@ -292,7 +294,6 @@ class Worker:
         if self._handle_signals:
             for signum, immediate in ((signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGQUIT, True)):
                 loop.add_signal_handler(signum, self.stop, immediate)
-            loop.add_signal_handler(signal.SIGUSR1, gateway.reopen_logs)
         gateway.ready = True
         if self._on_ready is not None:
             self._on_ready(gateway)
@@ -329,6 +330,10 @@ class Worker:
             elif server.max_memory and rss > server.max_memory:
                 recycling = True
                 self._channel.send("recycle", reason="max_memory")
+
+    def _reopen_logs(self) -> None:
+        if self.gateway is not None:
+            self.gateway.reopen_logs()
 
     def stop(self, immediate: bool = False) -> None:
         self._immediate = self._immediate or immediate

@@ -2,7 +2,9 @@
 
 Half the requests use a new connection each (exercising accept), half go over
 a few keep-alive connections (exercising the drain of idle connections).
-Loops are bounded by the duration; it only targets the given loopback port.
+Loops are bounded by the duration (or end earlier when ``stop`` is set); it only
+targets the given loopback port. A test may pass its own ``LoadResult`` to watch the
+load while it runs: ``in_flight`` at a given moment, successes since a moment.
 """
 
 from __future__ import annotations
@@ -17,10 +19,20 @@ from dataclasses import dataclass, field
 class LoadResult:
     sent: int = 0
     outcomes: Counter = field(default_factory=Counter)
+    finished: list[tuple[float, str]] = field(default_factory=list)  # (monotonic start time, outcome)
 
     @property
     def failed(self) -> int:
         return self.sent - self.outcomes["200"]
+
+    @property
+    def in_flight(self) -> int:
+        """Requests started and not finished at this moment."""
+        return self.sent - len(self.finished)
+
+    def succeeded_since(self, moment: float) -> int:
+        """Requests started at or after ``moment`` (time.monotonic()) that got a 200."""
+        return sum(1 for started, outcome in self.finished if started >= moment and outcome == "200")
 
     def __str__(self) -> str:
         return f"{self.sent} requests, outcomes {dict(self.outcomes)}"
@@ -73,17 +85,23 @@ class KeepAliveClient:
         self.reader = self.writer = None
 
 
-async def constant_load(port: int, rate: float, duration: float, path: str = "/api/x", keepalive: int = 4) -> LoadResult:
-    result = LoadResult()
+async def constant_load(
+    port: int, rate: float, duration: float, path: str = "/api/x", keepalive: int = 4, *,
+    result: LoadResult | None = None, stop: asyncio.Event | None = None,
+) -> LoadResult:
+    result = LoadResult() if result is None else result
     clients = [KeepAliveClient(port) for _ in range(keepalive)]
     tasks = []
     start = time.monotonic()
     interval = 1.0 / rate
 
     async def record(coroutine) -> None:
-        result.outcomes[await coroutine] += 1
+        started = time.monotonic()
+        outcome = await coroutine
+        result.outcomes[outcome] += 1
+        result.finished.append((started, outcome))
 
-    while time.monotonic() - start < duration:
+    while time.monotonic() - start < duration and not (stop is not None and stop.is_set()):
         if result.sent % 2 == 0 or not clients:
             coroutine = _one_request(port, path)
         else:

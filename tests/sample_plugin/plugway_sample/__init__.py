@@ -7,6 +7,8 @@ log-phase calls in this process.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from dataclasses import dataclass
 
 from gateway import GatewayError, PluginDeclaration, Response, hookimpl, setting
@@ -21,6 +23,10 @@ class SampleSettings:
     fallback_status: int | None = setting(None, doc="Answer with this status when the upstream fails.")
     body_suffix: str | None = setting(None, doc="Append this text to response bodies.")
     fail_start: str | None = setting(None, doc="Fail the worker's start-up with this message.")
+    hang_start: float = setting(0.0, doc="Seconds to wait in worker_started before the worker can report ready.")
+    hang_start_marker: str | None = setting(
+        None, doc="With hang_start: the first worker to create this file starts at once, only later ones hang.",
+    )
 
 
 class SampleRefused(GatewayError):
@@ -35,9 +41,22 @@ def declare_plugin():
 @hookimpl
 async def worker_started(gateway):
     EVENTS.append("worker_started")
-    for settings in gateway.plugin_settings("sample").values():
+    for settings in dict.fromkeys(gateway.plugin_settings("sample").values()):  # each distinct table once
         if settings.fail_start:
             raise RuntimeError(settings.fail_start)
+        if settings.hang_start and not _first_to_create(settings.hang_start_marker):
+            await asyncio.sleep(settings.hang_start)
+
+
+def _first_to_create(marker: str | None) -> bool:
+    """Whether this process created ``marker`` (False when it existed already, or when there is none)."""
+    if marker is None:
+        return False
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 @hookimpl
