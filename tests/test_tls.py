@@ -138,14 +138,33 @@ async def test_a_renewed_certificate_is_served_after_a_reload_without_failures(
     assert serials[0] == old_serial and serials[-1] == new_serial
 
 
-def test_a_reload_with_a_broken_certificate_keeps_the_old_one(plugway_process, authority, tmp_path):
+async def test_a_reload_with_a_broken_certificate_keeps_the_old_one(plugway_process, authority, tmp_path):
     cert, key, serial = authority.issue("kept", "a.example")
     gateway = plugway_process(tls_config("http://127.0.0.1:9", [(cert, key)]).replace("[server]", "[server]\nworkers = 1"))
     original = gateway.config_path.read_text()
     gateway.config_path.write_text(original.replace(key, str(tmp_path / "nope.key")))
-    result = gateway.cli("reload")
+    result = await asyncio.to_thread(gateway.cli, "reload")
     assert result.returncode == 1
     assert "cannot read" in result.stderr and gateway.status()["generation"] == 1
+    certificate, answer = await handshake(gateway.port, authority.client_context(), "a.example")
+    assert certificate.serial_number == serial and answer.startswith(b"HTTP/1.1 ")  # still in service
+
+
+async def test_the_listener_offers_only_its_ciphers_and_alpn_protocols(plugway_gateway, aiohttp_raw_server, authority):
+    upstream = str((await aiohttp_raw_server(echo)).make_url("")).rstrip("/")
+    settings = ', ciphers = "ECDHE-ECDSA-AES128-GCM-SHA256", alpn = ["http/1.1"]'
+    gateway = await plugway_gateway(tls_config(upstream, [authority.issue("a", "a.example")[:2]], settings))
+    other_cipher = authority.client_context(maximum=ssl.TLSVersion.TLSv1_2)
+    other_cipher.set_ciphers("ECDHE-ECDSA-AES256-GCM-SHA384")
+    with pytest.raises((ssl.SSLError, ConnectionResetError)):  # TLS 1.2 with no suite in common
+        await handshake(gateway.port, other_cipher, "a.example")
+    client = authority.client_context(maximum=ssl.TLSVersion.TLSv1_2)
+    client.set_alpn_protocols(["h2", "http/1.1"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port, ssl=client, server_hostname="a.example")
+    tls = writer.get_extra_info("ssl_object")
+    assert tls.cipher()[0] == "ECDHE-ECDSA-AES128-GCM-SHA256"
+    assert tls.selected_alpn_protocol() == "http/1.1"  # never h2, which the gateway does not speak
+    writer.close()
 
 
 def test_tls_sessions_resume_whichever_worker_takes_the_next_connection(plugway_process, authority):
