@@ -298,7 +298,11 @@ class Supervisor:
         deadline = time.monotonic() + STORE_START_SECONDS
         while not path.exists() and time.monotonic() < deadline:
             time.sleep(0.005)
-        log.info("store process %d listening on %s", pid, path, extra={"pid": pid})
+        if path.exists():
+            log.info("store process %d listening on %s", pid, path, extra={"pid": pid})
+        else:  # the workers' store calls fail (and reconnect) until it listens
+            log.error("store process %d not listening on %s after %.0f s", pid, path, STORE_START_SECONDS,
+                      extra={"pid": pid})
 
     def store_exited(self, reason: str) -> None:
         self.store_pid = None

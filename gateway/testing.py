@@ -36,11 +36,13 @@ instead, for tests of what only a cluster shows; ``redis_server`` and
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import os
 import random
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import textwrap
@@ -312,38 +314,145 @@ def _free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
-class RedisServer:
-    """A ``redis-server`` on a free loopback port, nothing saved to disk."""
+class CertificateAuthority:
+    """A throwaway CA (cryptography) that signs server certificates into files, for tests of
+    TLS listeners, https upstreams and Redis over TLS. ``ca_file`` is its certificate."""
 
-    def __init__(self, directory: Path, *args: str) -> None:
+    def __init__(self, directory: Path) -> None:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Plugway Test CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                     .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
+                     .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                     .sign(self.key, hashes.SHA256()))
+        self.ca_file = str(directory / "ca.pem")
+        Path(self.ca_file).write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, name: str, *hosts: str, days: int = 30, start_days_ago: int = 1,
+              key: Any = None) -> tuple[str, str, int]:
+        """(certificate file, key file, serial) for ``hosts`` (DNS names or IP addresses;
+        default localhost and 127.0.0.1), valid from ``start_days_ago`` for ``days``."""
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        def alternative(host: str) -> x509.GeneralName:
+            try:
+                return x509.IPAddress(ipaddress.ip_address(host))
+            except ValueError:
+                return x509.DNSName(host)
+
+        hosts = hosts or ("localhost", "127.0.0.1")
+        key = key or ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        serial = x509.random_serial_number()
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+                .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(serial)
+                .not_valid_before(now - datetime.timedelta(days=start_days_ago))
+                .not_valid_after(now + datetime.timedelta(days=days))
+                .add_extension(x509.SubjectAlternativeName([alternative(host) for host in hosts]), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        cert_file, key_file = self.directory / f"{name}.pem", self.directory / f"{name}.key"
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return str(cert_file), str(key_file), serial
+
+    def client_context(self, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+        """A client context that trusts this CA (and only it)."""
+        context = ssl.create_default_context(cafile=self.ca_file)
+        if maximum is not None:
+            context.maximum_version = maximum
+        return context
+
+
+class RedisStartError(RuntimeError):
+    """redis-server exited instead of serving; the message holds the end of its log."""
+
+
+class RedisServer:
+    """A ``redis-server`` on a free loopback port, nothing saved to disk.
+
+    ``password`` adds ``--requirepass``; ``authority`` (a ``CertificateAuthority``) makes it
+    serve TLS only, with a certificate for 127.0.0.1 and localhost (clients are not asked for
+    one). Other ``args`` go to redis-server as they are. Its log is ``directory/redis.log``.
+    """
+
+    def __init__(self, directory: Path, *args: str, password: str | None = None,
+                 authority: CertificateAuthority | None = None) -> None:
         self.port = _free_cluster_port() if "--cluster-enabled" in args else free_port()
         self.directory = directory
         self.args = args
+        self.password = password
+        self.authority = authority
+        self.log_path = directory / "redis.log"
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The URL without the password (``redis://:PASSWORD@...`` adds it)."""
+        return f"{'rediss' if self.authority else 'redis'}://127.0.0.1:{self.port}/0"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        options = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        if self.password is not None:
+            options += ["--requirepass", self.password]
+        if self.authority is None:
+            return ["redis-server", "--port", str(self.port), *options, *self.args]
+        cert, key, _ = self.authority.issue(f"redis-{self.port}")
+        return ["redis-server", "--port", "0", "--tls-port", str(self.port), "--tls-cert-file", cert,
+                "--tls-key-file", key, "--tls-ca-cert-file", self.authority.ca_file, "--tls-auth-clients", "no",
+                *options, *self.args]
 
     def start(self) -> RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_until(self.answers, timeout=15)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+        wait_until(lambda: self.answers() or self.process.poll() is not None, timeout=15)
+        if self.process.poll() is not None:
+            raise RedisStartError(f"redis-server exited ({self.process.returncode}): {self.log()[-2000:]}")
         return self
 
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def cli(self, *args: str) -> str:
-        result = subprocess.run(["redis-cli", "-p", str(self.port), *args], capture_output=True, text=True, timeout=30)
+        options = ["-p", str(self.port)]
+        if self.password is not None:
+            options += ["-a", self.password, "--no-auth-warning"]
+        if self.authority is not None:
+            options += ["--tls", "--cacert", self.authority.ca_file]
+        result = subprocess.run(["redis-cli", *options, *args], capture_output=True, text=True, timeout=30)
         return result.stdout.strip()
 
     def answers(self) -> bool:
+        """Whether it answers PING (a server asking for a password answers too)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw:
+                sock = raw
+                if self.authority is not None:
+                    sock = self.authority.client_context().wrap_socket(raw, server_hostname="127.0.0.1")
                 sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                return sock.recv(16).startswith((b"+PONG", b"-NOAUTH"))
         except OSError:
             return False
 
@@ -361,19 +470,61 @@ class RedisServer:
                 self.kill()
 
 
+class RedisSentinel(RedisServer):
+    """A Sentinel (``redis-server --sentinel``) monitoring ``master`` under ``name``, quorum 1."""
+
+    def __init__(self, directory: Path, master: RedisServer, name: str = "mymaster") -> None:
+        super().__init__(directory)
+        self.master = master
+        self.name = name
+
+    def command(self) -> list[str]:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lines = [f"sentinel monitor {self.name} 127.0.0.1 {self.master.port} 1"]
+        if self.master.password is not None:
+            lines.append(f"sentinel auth-pass {self.name} {self.master.password}")
+        config_file = self.directory / "sentinel.conf"  # Sentinel rewrites it: it must be its own
+        config_file.write_text("\n".join(lines) + "\n")
+        return ["redis-server", str(config_file), "--sentinel", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.directory)]
+
+    def master_address(self) -> str:
+        """What this sentinel answers for its master: "host:port" ("" before it knows)."""
+        return ":".join(self.cli("sentinel", "get-master-addr-by-name", self.name).split())
+
+
 @pytest.fixture
 def redis_server(tmp_path):
-    """Factory: ``redis_server()`` -> a started ``RedisServer`` (stopped after the test)."""
+    """Factory: ``redis_server(*args, password=None, authority=None)`` -> a started ``RedisServer``
+    (stopped after the test); ``args`` are more redis-server options, such as "--maxmemory", "1mb"."""
     started: list[RedisServer] = []
 
-    def start(*args: str) -> RedisServer:
-        server = RedisServer(tmp_path / f"redis-{len(started)}", *args).start()
+    def start(*args: str, password: str | None = None, authority: CertificateAuthority | None = None) -> RedisServer:
+        server = RedisServer(tmp_path / f"redis-{len(started)}", *args, password=password, authority=authority)
         started.append(server)
-        return server
+        return server.start()
 
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture
+def redis_sentinel(tmp_path):
+    """Factory: ``redis_sentinel(master, name="mymaster")`` -> a started ``RedisSentinel`` that
+    already knows its master (stopped after the test)."""
+    started: list[RedisSentinel] = []
+
+    def start(master: RedisServer, name: str = "mymaster") -> RedisSentinel:
+        sentinel = RedisSentinel(tmp_path / f"sentinel-{len(started)}", master, name)
+        started.append(sentinel)
+        sentinel.start()
+        wait_until(lambda: sentinel.master_address() == master.address, timeout=15)
+        return sentinel
+
+    yield start
+    for sentinel in started:
+        sentinel.stop()
 
 
 @pytest.fixture

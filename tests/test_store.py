@@ -1,8 +1,11 @@
-"""The store interface against every backend: in-process, the local store process, Redis, Redis Cluster."""
+"""The store interface against every backend: in-process, the local store process, Redis, Redis Cluster;
+Redis with passwords, TLS and Sentinel; the store process restarted by a real supervisor."""
 
 import asyncio
 import multiprocessing
 import os
+import signal
+import subprocess
 
 import pytest
 
@@ -163,3 +166,252 @@ def test_the_table_is_bounded_in_keys_and_bytes_least_recently_used_first():
     table.set("ttl", b"v", 10)
     now[0] = 11
     assert table.sweep() == 1 and table.get("ttl") is None
+
+
+# --- Redis: passwords, TLS, Sentinel, Cluster refunds ----------------------------------------------
+
+PASSWORD = "hunter2-Sx7q"
+
+
+def redis_store(**settings):
+    from gateway.store.redis import RedisStore
+
+    return RedisStore(StoreSettings(backend="redis", **{"timeout": 2.0, **settings}))
+
+
+async def refused(store, password: str) -> str:
+    """The StoreUnavailable message of a failing operation, checked to hold no password."""
+    with pytest.raises(StoreUnavailable) as caught:
+        await store.set("k", b"v", None)
+    await store.close()
+    assert password not in str(caught.value)
+    return str(caught.value)
+
+
+async def test_redis_passwords_in_the_url_or_from_the_environment(redis_server, monkeypatch):
+    server = redis_server("--user", "alice", "on", ">alice-pw-9c2", "~*", "&*", "+@all", password=PASSWORD)
+    address = f"127.0.0.1:{server.port}/0"
+    for url in (f"redis://:{PASSWORD}@{address}", f"redis://alice:alice-pw-9c2@{address}"):
+        store = redis_store(url=url)
+        await store.set("k", url.encode(), None)
+        assert await store.get("k") == url.encode()
+        await store.close()
+    monkeypatch.setenv("PLUGWAY_TEST_REDIS_PASSWORD", PASSWORD)
+    store = redis_store(url=server.url, password_env="PLUGWAY_TEST_REDIS_PASSWORD")
+    assert await store.incr("n") == 1
+    await store.close()
+
+    assert "Authentication required" in await refused(redis_store(url=server.url), PASSWORD)
+    assert "AuthenticationError" in await refused(redis_store(url=f"redis://:wrong-{PASSWORD}@{address}"), PASSWORD)
+    assert "AuthenticationError" in await refused(redis_store(url=f"redis://alice:{PASSWORD}@{address}"), PASSWORD)
+    monkeypatch.setenv("PLUGWAY_TEST_REDIS_PASSWORD", "wrong-" + PASSWORD)
+    await refused(redis_store(url=server.url, password_env="PLUGWAY_TEST_REDIS_PASSWORD"), PASSWORD)
+    assert server.cli("get", "plugway:k") == f"redis://alice:alice-pw-9c2@{address}"
+
+
+def test_a_password_in_the_store_url_is_never_printed(tmp_path):
+    from gateway import config
+    from gateway.testing import PLUGWAY
+
+    path = tmp_path / "plugway.toml"
+    path.write_text(f'[store]\nbackend = "redis"\nurl = "redis://alice:{PASSWORD}@127.0.0.1:6379/0"\n')
+    shown = subprocess.run([PLUGWAY, "config", "show", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert PASSWORD not in shown.stdout + shown.stderr
+    assert 'url = "redis://alice:***@127.0.0.1:6379/0"' in shown.stdout
+    settings = config.load(path)
+    assert settings.store.password == PASSWORD  # kept, for the client
+    assert PASSWORD not in repr(settings) and "alice:***@" in repr(settings.store)
+
+    bad = {  # each a configuration error, shown with the password masked
+        f'url = "redis://:{PASSWORD}@127.0.0.1:port/0"': "'redis://:***@127.0.0.1:port/0' has an invalid port",
+        f'url = "http://u:{PASSWORD}@127.0.0.1:6379/0"': "'http://u:***@127.0.0.1:6379/0' must start with redis://",
+        f'url = "redis://:{PASSWORD}@h:6379/0"\npassword_env = "P"': "store.password_env: the url holds a password",
+        f'url = "unix:///run/redis.sock?password={PASSWORD}"': "'unix:///run/redis.sock?password=***' must start",
+    }
+    for line, expected in bad.items():
+        path.write_text(f'[store]\nbackend = "redis"\n{line}\n')
+        checked = subprocess.run([PLUGWAY, "check", "-c", str(path)], capture_output=True, text=True, timeout=60)
+        assert checked.returncode != 0 and expected in checked.stderr, (line, checked.stderr)
+        assert PASSWORD not in checked.stdout + checked.stderr, checked.stderr
+
+
+async def test_rediss_verifies_the_server_against_tls_ca_file(redis_server, tmp_path):
+    from gateway import config
+    from gateway.config import ConfigErrors
+    from gateway.testing import CertificateAuthority, RedisStartError
+
+    authority = CertificateAuthority(tmp_path / "ca")
+    try:
+        server = redis_server(authority=authority, password=PASSWORD)
+    except RedisStartError as exc:
+        pytest.skip(f"this redis-server cannot serve TLS: {exc}")
+    assert server.url.startswith("rediss://")
+    url = server.url.replace("rediss://", f"rediss://:{PASSWORD}@")
+    store = redis_store(url=url, tls_ca_file=authority.ca_file)
+    await store.set("k", b"over TLS", None)
+    assert await store.get("k") == b"over TLS"
+    assert [r.allowed for r in await store.take([Limit("rl:{tls}", "token_bucket", 1, 60)])] == [True]
+    await store.close()
+    assert server.cli("get", "plugway:k") == "over TLS"
+
+    # the system's CAs do not know the test CA; plain redis:// gets no answer from a TLS port
+    assert "certificate verify failed" in await refused(redis_store(url=url), PASSWORD)
+    await refused(redis_store(url=url.replace("rediss://", "redis://"), timeout=0.5), PASSWORD)
+    other = CertificateAuthority(tmp_path / "other-ca")
+    assert "certificate verify failed" in await refused(redis_store(url=url, tls_ca_file=other.ca_file), PASSWORD)
+
+    for store_table, problem in ((f'url = "redis://127.0.0.1:1/0"\ntls_ca_file = "{authority.ca_file}"', "rediss://"),
+                                 (f'url = "{server.url}"\ntls_ca_file = "{tmp_path}/none.pem"', "not a readable file")):
+        with pytest.raises(ConfigErrors, match=problem):
+            config.loads(f'[store]\nbackend = "redis"\n{store_table}\n')
+
+
+async def test_sentinel_finds_the_master(redis_server, redis_sentinel, monkeypatch):
+    master = redis_server(password=PASSWORD)
+    sentinel = redis_sentinel(master, "plugway-master")
+    monkeypatch.setenv("PLUGWAY_TEST_REDIS_PASSWORD", PASSWORD)
+    settings = dict(sentinels=(sentinel.address,), password_env="PLUGWAY_TEST_REDIS_PASSWORD")
+    store = redis_store(sentinel_master="plugway-master", **settings)
+    await store.set("k", b"via sentinel", None)
+    assert await store.get("k") == b"via sentinel"
+    assert await store.incr("n", 3) == 3
+    limit = Limit("rl:{s}", "sliding_window", 2, 3600)
+    assert [(await store.take([limit]))[0].allowed for _ in range(3)] == [True, True, False]
+    await store.close()
+    assert master.cli("get", "plugway:k") == "via sentinel"  # the master the sentinel named
+    assert "MasterNotFoundError" in await refused(redis_store(sentinel_master="nobody", **settings), PASSWORD)
+
+
+def keys_on_two_nodes(store) -> tuple[str, str]:
+    """Two rate-limit keys whose slots belong to different nodes of the cluster."""
+    first = "rl:{a}"
+    owner = store.client.get_node_from_key(store.prefix + first).name
+    for tag in "bcdefghijklmnopqrstuvwxyz":
+        if store.client.get_node_from_key(store.prefix + f"rl:{{{tag}}}").name != owner:
+            return first, f"rl:{{{tag}}}"
+    raise AssertionError("every key landed on one node")
+
+
+@pytest.mark.parametrize("algorithm", ["token_bucket", "sliding_window"])
+async def test_a_cluster_refunds_the_first_limit_when_the_second_refuses(redis_cluster, algorithm):
+    nodes = redis_cluster(3)
+    store = redis_store(url=nodes[0].url, cluster=True)
+    await store.connect()
+    first_key, second_key = keys_on_two_nodes(store)
+    first = Limit(first_key, algorithm, 10, 3600)
+    second = Limit(second_key, "token_bucket", 1, 3600)
+    assert [r.allowed for r in await store.take([first, second])] == [True, True]
+    refused_by_second = await store.take([first, second])
+    assert [r.allowed for r in refused_by_second] == [True, False]  # the first was taken, then given back
+    (after,) = await store.take([first])
+    assert after.remaining == 8  # 10 - the first request - this one: the refused request left no trace
+    state = await store.client.hgetall(store.prefix + first_key)
+    if algorithm == "token_bucket":
+        assert float(state[b"t"]) == pytest.approx(8, abs=0.1)  # tokens left (10/h refills slowly)
+    else:
+        assert int(state[b"c"]) == 2  # requests counted in this window
+    await store.close()
+
+
+async def test_a_sliding_window_refund_goes_back_to_the_window_it_was_counted_in(redis_server):
+    server = redis_server()
+    store = redis_store(url=server.url)
+
+    async def state(key: str) -> dict[str, int]:
+        return {k.decode(): int(float(v)) for k, v in (await store.client.hgetall(store.prefix + key)).items()}
+
+    hourly = Limit("rl:{hourly}", "sliding_window", 10, 3600)
+    ((_, window),) = await store._take_rows([hourly])
+    assert (await state(hourly.key))["c"] == 1
+    await store._refund_one(hourly, window)  # still the same window: its count goes down
+    assert (await state(hourly.key))["c"] == 0
+
+    per_second = Limit("rl:{second}", "sliding_window", 10, 1)
+    ((_, window),) = await store._take_rows([per_second])
+    assert (await state(per_second.key))["w"] == int(window)
+    while int((await store.client.time())[0]) <= int(window):  # Redis's clock, as the script's
+        await asyncio.sleep(0.01)
+    (other,) = await store.take([per_second])  # another request rolls the window first
+    assert other.allowed
+    await store._refund_one(per_second, window)
+    after = await state(per_second.key)
+    assert after["w"] > int(window)
+    # The other request's count stays. Ours went into the previous window (or out of both,
+    # if the next request came more than a window later): that is where it is given back.
+    assert after["c"] == 1 and after["p"] == 0, after
+    await store.close()
+
+
+# --- the local store process under a real supervisor -----------------------------------------------
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat") as stat:
+                    fields = stat.read().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found
+
+
+async def test_the_supervisor_restarts_a_killed_store_process(plugway_process, aiohttp_raw_server):
+    from aiohttp import ClientSession, web
+
+    from support import async_wait_until, route_config
+
+    async def ok(request):
+        return web.Response(text="ok")
+
+    upstream = await aiohttp_raw_server(ok)
+    # the rate limit goes through the store on every request; fail_open lets requests through while it is away
+    plugins = ('[store]\ntimeout = "2s"\n[plugins.sample]\n[plugins.ratelimit]\non_store_error = "fail_open"\n'
+               '[[plugins.ratelimit.limits]]\nkey = "global"\nrate = "1000000/m"\n')
+    gateway = plugway_process(route_config(str(upstream.make_url("")).rstrip("/"), server="workers = 2",
+                                           extra=plugins))
+    workers = {worker["pid"] for worker in gateway.wait_for_workers(2)}
+
+    def store_processes() -> set[int]:
+        return children_of(gateway.process.pid) - {worker["pid"] for worker in gateway.status()["workers"]}
+
+    (store_pid,) = store_processes()
+    assert gateway.logged(f"store process {store_pid} listening")
+
+    answers: list[tuple[str, int, bool]] = []  # (phase the request started in, status, counted by the store)
+    phase = "before"
+    stop = asyncio.Event()
+
+    async def load(session: ClientSession) -> None:
+        while not stop.is_set():
+            started_in = phase
+            async with session.get(gateway.url + "/api/x") as response:
+                answers.append((started_in, response.status, "RateLimit" in response.headers))
+
+    async with ClientSession() as session:
+        async def counter() -> int:
+            async with session.post(f"http://127.0.0.1:{gateway.admin_port}/sample/counter") as response:
+                assert response.status == 200
+                return (await response.json())["calls"]
+
+        assert [await counter(), await counter()] == [1, 2]
+        clients = [asyncio.create_task(load(session)) for _ in range(4)]
+        await async_wait_until(lambda: len(answers) >= 20)
+        phase = "restarting"
+        os.kill(store_pid, signal.SIGKILL)
+        await async_wait_until(lambda: store_processes() - {store_pid} and gateway.logged("the store process died"))
+        (new_pid,) = store_processes()
+        await async_wait_until(lambda: gateway.logged(f"store process {new_pid} listening"))
+        phase = "after"
+        # rate limits go through the new store process: requests are counted again
+        await async_wait_until(lambda: sum(begun == "after" and counted for begun, _, counted in answers) >= 20)
+        stop.set()
+        await asyncio.gather(*clients)
+        assert await counter() == 1  # the new store process serves, empty as documented
+    assert {status for _, status, _ in answers} == {200}, answers  # never a 500 while the store was away
+    assert any(counted for started_in, _, counted in answers if started_in == "before")
+    assert {worker["pid"] for worker in gateway.wait_for_workers(2)} == workers  # the workers were not restarted

@@ -10,9 +10,9 @@ import ipaddress
 import os
 import ssl
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from ..paths import BadPath, canonical_path, template_error
 from .schema import setting
@@ -302,6 +302,34 @@ class LogSettings:
     level: Literal["debug", "info", "warning", "error"] = setting("info", doc="Level of the gateway's own log.")
 
 
+def redis_url_password(url: str) -> str | None:
+    """The password a redis:// URL holds (``redis://:PASSWORD@host`` or ``redis://USER:PASSWORD@host``,
+    read as redis-py reads it), or None."""
+    userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+    user, colon, password = userinfo.partition(":")
+    return unquote(password) if at and colon and password else None
+
+
+def mask_redis_url(url: str) -> str:
+    """``url`` with any password in it replaced by ``***``, as written otherwise: what logs,
+    errors and ``config show`` print."""
+    if not isinstance(url, str):
+        return url
+    scheme, sep, rest = url.partition("://")
+    if sep:  # the authority ends where urlsplit ends it
+        end = min([index for index in (rest.find(char) for char in "/?#") if index >= 0] or [len(rest)])
+        userinfo, at, hostport = rest[:end].rpartition("@")
+        user, colon, password = userinfo.partition(":")
+        if at and colon and password:
+            url = f"{scheme}://{user}:***@{hostport}{rest[end:]}"
+    base, question, query = url.partition("?")
+    if question:  # redis-py also reads ?password=...
+        query, hash_sign, fragment = query.partition("#")
+        query = "&".join("password=***" if item.partition("=")[0] == "password" else item for item in query.split("&"))
+        url = base + question + query + hash_sign + fragment
+    return url
+
+
 @dataclass(frozen=True)
 class StoreSettings:
     backend: Literal["local", "redis"] = setting(
@@ -312,8 +340,18 @@ class StoreSettings:
         Size("512MiB"), doc="Local store: most memory held (values plus ~430 bytes per key); 1M rate-limit keys fit.",
     )
     timeout: Duration = setting(Duration("100ms"), doc="Longest wait for one store operation.")
-    url: str | None = setting(None, doc='Redis: "redis://host:6379/0" or "rediss://" for TLS; no password here.')
-    password_env: str | None = setting(None, doc="Redis: environment variable holding the password.")
+    url: str | None = setting(
+        None, doc='Redis: "redis://host:6379/0", "rediss://" for TLS, a password as "redis://:PASSWORD@host" '
+                  'or "redis://USER:PASSWORD@host" (printed as ***).',
+        render=lambda url: None if url is None else mask_redis_url(url),
+    )
+    password_env: str | None = setting(
+        None, doc="Redis: environment variable holding the password (instead of one in url; also for Sentinel).",
+    )
+    tls_ca_file: str | None = setting(
+        None, doc="Redis: CA bundle (PEM) that rediss:// servers' certificates are verified against; "
+                  "the system store when unset.",
+    )
     cluster: bool = setting(False, doc="Redis: the URL names a node of a Redis Cluster.")
     sentinels: tuple[str, ...] = setting((), doc='Redis Sentinel: "host:port" of each sentinel (instead of url).')
     sentinel_master: str | None = setting(None, doc="Redis Sentinel: the name of the monitored master.")
@@ -323,15 +361,37 @@ class StoreSettings:
         Duration("1s"), doc="After a failure, operations fail at once for this long before Redis is tried again.",
     )
 
+    def __repr__(self) -> str:  # the dataclass's own would show a password held in url
+        shown = (f"{field.name}={mask_redis_url(value) if field.name == 'url' and value else value!r}"
+                 for field in fields(self) for value in (getattr(self, field.name),))
+        return f"StoreSettings({', '.join(shown)})"
+
+    @property
+    def password(self) -> str | None:
+        """The Redis password: from the URL or from the variable named in password_env."""
+        if self.url and (password := redis_url_password(self.url)):
+            return password
+        return os.environ.get(self.password_env) or None if self.password_env else None
+
     def validate(self) -> Iterator[tuple[str, str]]:
         if self.backend == "redis" and not self.url and not self.sentinels:
             yield "url", 'is required with backend = "redis" (or sentinels and sentinel_master)'
         if self.sentinels and not self.sentinel_master:
             yield "sentinel_master", "is required with sentinels"
         if self.url and not self.url.startswith(("redis://", "rediss://")):
-            yield "url", f"{self.url!r} must start with redis:// or rediss://"
-        if self.url and "@" in self.url.partition("://")[2].partition("/")[0]:
-            yield "url", "must not hold a password; name an environment variable in password_env"
+            yield "url", f"{mask_redis_url(self.url)!r} must start with redis:// or rediss://"
+        if self.url:
+            try:
+                urlsplit(self.url).port
+            except ValueError:
+                yield "url", f"{mask_redis_url(self.url)!r} has an invalid port"
+        if self.url and self.password_env and redis_url_password(self.url):
+            yield "password_env", "the url holds a password already: give it in one place only"
+        if self.tls_ca_file is not None:
+            if not os.path.isfile(self.tls_ca_file) or not os.access(self.tls_ca_file, os.R_OK):
+                yield "tls_ca_file", f"{self.tls_ca_file!r} is not a readable file"
+            if not (self.url or "").startswith("rediss://"):
+                yield "tls_ca_file", "only applies to a rediss:// url"
         for sentinel in self.sentinels:
             try:
                 parse_address(sentinel)
@@ -399,7 +459,9 @@ class RetrySettings:
     )
     backoff: Duration = setting(Duration("25ms"), doc="Wait before the first retry; doubles each time, with jitter.")
     backoff_max: Duration = setting(Duration("250ms"), doc="Longest wait between tries.")
-    per_try_timeout: Duration | None = setting(None, doc="Longest wait for each try's response head (default read_timeout).")
+    per_try_timeout: Duration | None = setting(
+        None, doc="Longest wait for each try's response head; read_timeout applies too (the first to expire wins).",
+    )
     budget: int = setting(
         20, doc="Retries may add at most this percent on top of the requests to the upstream (per worker).",
     )

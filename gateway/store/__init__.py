@@ -55,7 +55,8 @@ class Store(Protocol):
         """Set ``key`` only if absent (a lock with an expiry); True if this call set it."""
 
     async def set_add(self, key: str, *members: str, ttl: float | None = None) -> int:
-        """Add members to a set (created with ``ttl``); returns the set's size."""
+        """Add members to a set; ``ttl`` sets its expiry when it is created and extends it (never
+        shortens it) when it exists. Returns the set's size."""
 
     async def set_members(self, key: str) -> list[str]: ...
 

@@ -9,7 +9,13 @@ Redis. On Redis Cluster the keys of one request usually live in different
 slots, so each key is checked atomically on its own, in order, and when a
 later one refuses, the ones already taken are given back (the all-or-nothing
 result holds; a concurrent request may briefly see the refunded tokens as
-taken).
+taken). A sliding window's count goes back to the window it was counted in:
+if another request rolled the window meanwhile, that count is now the
+previous window's, and older ones are gone, so nothing else is decremented.
+
+The password comes from the URL (redis-py reads ``redis://:PASSWORD@host``)
+or from ``password_env``; it is masked in every error raised from here.
+``rediss://`` verifies the server against ``tls_ca_file`` or the system's CAs.
 
 At most ``pool_size`` operations of a worker are in flight at once; more wait
 for a connection (within the timeout). Failures (connection refused,
@@ -25,6 +31,7 @@ import os
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -54,7 +61,8 @@ for i = 1, #KEYS do
     if allowed then tokens = tokens - cost end
     local retry = 0
     if not allowed then retry = (cost - tokens) / rate end
-    results[i] = {allowed and 1 or 0, burst, math.floor(tokens), tostring((burst - tokens) / rate), tostring(retry)}
+    results[i] = {allowed and 1 or 0, burst, math.floor(tokens), tostring((burst - tokens) / rate), tostring(retry),
+                  '0'}
     states[i] = {'t', tostring(tokens), 'ts', tostring(now), math.ceil(period * math.max(1, burst / limit) * 1000)}
     all = all and allowed
   else
@@ -75,7 +83,8 @@ for i = 1, #KEYS do
       retry = reset
       if prev > 0 and cur + cost <= limit then retry = math.min(reset, (est + cost - limit) / prev * period) end
     end
-    results[i] = {allowed and 1 or 0, limit, math.max(0, limit - math.ceil(est)), tostring(reset), tostring(retry)}
+    results[i] = {allowed and 1 or 0, limit, math.max(0, limit - math.ceil(est)), tostring(reset), tostring(retry),
+                  tostring(start)}
     states[i] = {'w', start, 'c', cur, 'p', prev, math.ceil(period * 2000)}
     all = all and allowed
   end
@@ -101,9 +110,16 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if algo == 'token_bucket' then
   local tokens = tonumber(redis.call('HGET', KEYS[1], 't')) or 0
   redis.call('HSET', KEYS[1], 't', tostring(math.min(burst, tokens + cost)))
-else
-  redis.call('HINCRBY', KEYS[1], 'c', -cost)
+  return 1
 end
+-- a sliding window: give the count back to the window it was counted in. If another request
+-- rolled the window meanwhile, that count is now the previous window's; older, it is gone.
+local window = tonumber(ARGV[4])
+local start = tonumber(redis.call('HGET', KEYS[1], 'w'))
+local field
+if start == window then field = 'c' elseif start == window + 1 then field = 'p' else return 0 end
+local count = tonumber(redis.call('HGET', KEYS[1], field)) or 0
+redis.call('HSET', KEYS[1], field, math.max(0, count - cost))
 return 1
 """
 
@@ -162,27 +178,35 @@ class RedisStore:
         return await self._call(self._take_script, limits)
 
     async def _take_script(self, limits: Sequence[Limit]) -> list[LimitResult]:
+        return [result for result, _ in await self._take_rows(limits)]
+
+    async def _take_rows(self, limits: Sequence[Limit]) -> list[tuple[LimitResult, str]]:
+        """Each limit's result and the window its count went into (sliding windows; "0" otherwise)."""
         args: list[Any] = []
         for limit in limits:
             args += [limit.algorithm, limit.limit, limit.period, limit.burst, limit.cost]
         rows = await self._take(keys=[self.prefix + limit.key for limit in limits], args=args)
-        return [LimitResult(bool(row[0]), int(row[1]), int(row[2]), float(row[3]), float(row[4])) for row in rows]
+        return [(LimitResult(bool(row[0]), int(row[1]), int(row[2]), float(row[3]), float(row[4])), _text(row[5]))
+                for row in rows]
 
     async def _take_per_slot(self, limits: Sequence[Limit]) -> list[LimitResult]:
-        taken: list[Limit] = []
+        """One script per key (the keys of a request live in different slots), in order; when one
+        refuses, the counts already taken are given back, each to the window it went into."""
+        taken: list[tuple[Limit, str]] = []
         results: list[LimitResult] = []
         for limit in limits:
-            (result,) = await self._call(self._take_script, [limit])
+            ((result, window),) = await self._call(self._take_rows, [limit])
             results.append(result)
             if not result.allowed:
-                for earlier in taken:
-                    await self._call(self._refund_one, earlier)
+                for earlier, earlier_window in taken:
+                    await self._call(self._refund_one, earlier, earlier_window)
                 return results + [LimitResult(True, l.limit, 0, 0.0, 0.0) for l in limits[len(results):]]
-            taken.append(limit)
+            taken.append((limit, window))
         return results
 
-    async def _refund_one(self, limit: Limit) -> None:
-        await self._refund(keys=[self.prefix + limit.key], args=[limit.algorithm, limit.cost, limit.burst or limit.limit])
+    async def _refund_one(self, limit: Limit, window: str) -> None:
+        await self._refund(keys=[self.prefix + limit.key],
+                           args=[limit.algorithm, limit.cost, limit.burst or limit.limit, window])
 
     async def get(self, key: str) -> bytes | None:
         return await self._call(self.client.get, self.prefix + key)
@@ -241,17 +265,33 @@ class RedisStore:
         except Exception as exc:  # noqa: BLE001 - any failure of the client is the store being unavailable
             self._failed_until = time.monotonic() + self.settings.retry_interval
             reason = "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
-            raise StoreUnavailable(f"Redis {reason}") from None
+            raise StoreUnavailable(self._scrub(f"Redis {reason}")) from None
+
+    def _scrub(self, message: str) -> str:
+        """Never let the password reach a log line through an error's text."""
+        password = self.settings.password
+        if password:
+            for form in {password, quote(password, safe="")}:
+                message = message.replace(form, "***")
+        return message
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _client(settings: StoreSettings) -> Any:
     """The redis-py client: RESP2 (every Redis since 2.6 speaks it), no retries of its own (the
-    caller's policy decides what a failure means), socket timeouts of ``store.timeout``."""
-    password = os.environ.get(settings.password_env) if settings.password_env else None
-    options = {
-        "password": password, "socket_timeout": settings.timeout, "socket_connect_timeout": settings.timeout,
+    caller's policy decides what a failure means), socket timeouts of ``store.timeout``.
+    A password in the URL is read by redis-py itself; ``password_env`` supplies one otherwise."""
+    options: dict[str, Any] = {
+        "socket_timeout": settings.timeout, "socket_connect_timeout": settings.timeout,
         "max_connections": settings.pool_size, "protocol": 2, "retry": Retry(NoBackoff(), 0),
     }
+    if settings.password_env:
+        options["password"] = os.environ.get(settings.password_env) or None
+    if settings.tls_ca_file and (settings.url or "").startswith("rediss://"):
+        options["ssl_ca_certs"] = settings.tls_ca_file
     if settings.sentinels:
         sentinel = Sentinel([parse_address(address) for address in settings.sentinels], **options)
         return sentinel.master_for(settings.sentinel_master, **options)
