@@ -10,7 +10,6 @@ clients use real sockets, and process tests run the real ``plugway`` command.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import socket
 import ssl
 import textwrap
@@ -19,12 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httptools
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
-from gateway.testing import PLUGWAY, free_port, wait_until  # noqa: F401  (re-exported for the tests)
+from gateway.testing import PLUGWAY, CertificateAuthority, free_port, wait_until  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,46 +162,6 @@ async def raw_exchange(port: int, data: bytes, *, read_timeout: float = 5.0) -> 
         pass
     writer.close()
     return b"".join(chunks)
-
-
-class Authority:
-    """A test CA that signs server certificates into files."""
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Plugway Test CA")])
-        now = datetime.datetime.now(datetime.timezone.utc)
-        self.cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.key.public_key())
-                     .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
-                     .not_valid_after(now + datetime.timedelta(days=30))
-                     .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-                     .sign(self.key, hashes.SHA256()))
-        self.ca_path = directory / "ca.pem"
-        self.ca_path.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self, name: str, *dns: str, days: int = 30, start_days_ago: int = 1, key=None) -> tuple[str, str, int]:
-        key = key or ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        serial = x509.random_serial_number()
-        cert = (x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns[0] if dns else name)]))
-                .issuer_name(self.cert.subject).public_key(key.public_key()).serial_number(serial)
-                .not_valid_before(now - datetime.timedelta(days=start_days_ago))
-                .not_valid_after(now + datetime.timedelta(days=days))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(d) for d in dns]), critical=False)
-                .sign(self.key, hashes.SHA256()))
-        cert_path, key_path = self.directory / f"{name}.pem", self.directory / f"{name}.key"
-        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
-        return str(cert_path), str(key_path), serial
-
-    def client_context(self, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=str(self.ca_path))
-        if maximum is not None:
-            context.maximum_version = maximum
-        return context
 
 
 async def async_wait_until_quiet(probe: Callable[[], object], quiet: float = 0.5, timeout: float = 60.0) -> None:

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from gateway.testing import PlugwayProcess
-from support import PLUGWAY, async_wait_until, http_response, route_config, wait_until
+from support import PLUGWAY, async_wait_until, route_config, wait_until
 from load import LoadResult, constant_load
 
 

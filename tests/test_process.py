@@ -5,7 +5,6 @@ import signal
 import threading
 import time
 
-import pytest
 
 from support import async_wait_until, route_config
 

@@ -9,7 +9,7 @@ import pytest
 from aiohttp import web
 
 from gateway.testing import HeaderIdentity
-from support import Authority, TlsRawUpstream, async_wait_until, free_port, http_response, raw_exchange, route_config
+from support import CertificateAuthority, TlsRawUpstream, async_wait_until, free_port, http_response, raw_exchange, route_config
 
 
 async def echo(request: web.BaseRequest) -> web.StreamResponse:
@@ -580,15 +580,15 @@ async def test_admin_endpoints(plugway_gateway, aiohttp_raw_server):
 
 
 @pytest.fixture
-def test_ca(tmp_path) -> Authority:
-    return Authority(tmp_path)
+def test_ca(tmp_path) -> CertificateAuthority:
+    return CertificateAuthority(tmp_path)
 
 
 @pytest.fixture
-def other_ca(tmp_path) -> Authority:
+def other_ca(tmp_path) -> CertificateAuthority:
     """A CA that signed nothing the tests serve."""
     (tmp_path / "other").mkdir()
-    return Authority(tmp_path / "other")
+    return CertificateAuthority(tmp_path / "other")
 
 
 @pytest.fixture
@@ -614,7 +614,7 @@ def verified_by(ca_path, upstream_url: str, settings: str = "") -> str:
 
 async def test_an_https_target_is_verified_and_sent_its_name_by_sni(plugway_gateway, https_upstream, test_ca):
     upstream = await https_upstream("localhost")
-    gateway = await plugway_gateway(verified_by(test_ca.ca_path, upstream.url))
+    gateway = await plugway_gateway(verified_by(test_ca.ca_file, upstream.url))
     for _ in range(3):
         async with gateway.client.get("/api/x") as response:
             assert response.status == 200 and await response.read() == b"secure"
@@ -628,7 +628,7 @@ async def test_an_https_target_that_fails_verification_is_a_502(
     right_name = await https_upstream("localhost")
     wrong_name = await https_upstream("elsewhere.example")
     for ca, upstream in ((other_ca, right_name), (test_ca, wrong_name)):
-        gateway = await plugway_gateway(verified_by(ca.ca_path, upstream.url))
+        gateway = await plugway_gateway(verified_by(ca.ca_file, upstream.url))
         async with gateway.client.get("/api/x") as response:
             assert response.status == 502
             assert (await response.json())["error"]["code"] == "upstream_unreachable"
@@ -638,6 +638,6 @@ async def test_an_https_target_that_fails_verification_is_a_502(
 
 async def test_tls_verification_can_be_turned_off(plugway_gateway, https_upstream, other_ca):
     upstream = await https_upstream("elsewhere.example")
-    gateway = await plugway_gateway(verified_by(other_ca.ca_path, upstream.url, "tls_verify = false"))
+    gateway = await plugway_gateway(verified_by(other_ca.ca_file, upstream.url, "tls_verify = false"))
     async with gateway.client.get("/api/x") as response:
         assert response.status == 200 and await response.read() == b"secure"

@@ -4,7 +4,6 @@ import asyncio
 import socket
 import ssl
 import subprocess
-import textwrap
 import time
 
 import pytest
@@ -12,12 +11,12 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from support import PLUGWAY, Authority, route_config
+from support import PLUGWAY, CertificateAuthority, route_config
 
 
 @pytest.fixture
 def authority(tmp_path):
-    return Authority(tmp_path)
+    return CertificateAuthority(tmp_path)
 
 
 async def echo(request):
