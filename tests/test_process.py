@@ -5,7 +5,6 @@ import signal
 import threading
 import time
 
-
 from support import async_wait_until, route_config
 
 GIB = 1 << 30
