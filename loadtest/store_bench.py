@@ -10,19 +10,30 @@ processes at once (contention, as 4 workers would). Each client also runs a
 check never blocks the loop. Then it fills the local store with ``--keys``
 distinct limit keys and reports the store process's resident memory.
 Everything runs on loopback and stops by itself.
+
+Two mechanisms the host-local store could have used instead are measured the same way, so
+that the choice rests on figures (issue 4): ``sqlite-tmpfs``, a SQLite database on /dev/shm
+with one transaction per check, and ``shm-lock``, a hash table in shared memory created
+before fork and guarded by one process-shared lock, the way nginx's shared zones work. Both
+are called straight from the event loop, as a worker would have to (their waits on the lock
+block it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import multiprocessing
 import os
 import shutil
+import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+from multiprocessing import shared_memory
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,11 +49,72 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
+BLOCKING = ("sqlite-tmpfs", "shm-lock")  # called straight from the event loop, never yielding
+SLOTS = 1 << 16  # the shared-memory table's size: 65,536 buckets
+_SLOT = struct.Struct("<Qdd")  # key hash, tokens, last refill
+_SHARED: dict[str, object] = {}  # the shared memory and its lock, made before the clients fork
+
+
+class SqliteTmpfsStore:
+    """Token buckets in SQLite on tmpfs: one IMMEDIATE transaction per check."""
+
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, timeout=5, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=OFF")
+        self.db.execute("CREATE TABLE IF NOT EXISTS buckets (key TEXT PRIMARY KEY, tokens REAL, last REAL)")
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None:
+        self.db.close()
+
+    async def take(self, limits: list[Limit]) -> None:
+        (limit,) = limits
+        now = time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        row = self.db.execute("SELECT tokens, last FROM buckets WHERE key = ?", (limit.key,)).fetchone()
+        tokens = limit.limit if row is None else min(limit.limit, row[0] + (now - row[1]) * limit.limit / limit.period)
+        self.db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?)", (limit.key, max(tokens - 1, 0), now))
+        self.db.execute("COMMIT")
+
+
+class SharedMemoryStore:
+    """Token buckets in a shared-memory hash table (open addressing) behind one process-shared lock."""
+
+    def __init__(self) -> None:
+        self.buffer = _SHARED["memory"].buf
+        self.lock = _SHARED["lock"]
+
+    async def connect(self) -> None: ...
+
+    async def close(self) -> None:
+        del self.buffer
+
+    async def take(self, limits: list[Limit]) -> None:
+        (limit,) = limits
+        digest = int.from_bytes(hashlib.blake2b(limit.key.encode(), digest_size=8).digest(), "little") or 1
+        now = time.time()
+        with self.lock:
+            slot = digest % SLOTS
+            while True:
+                key, tokens, last = _SLOT.unpack_from(self.buffer, slot * _SLOT.size)
+                if key in (0, digest):
+                    break
+                slot = (slot + 1) % SLOTS
+            tokens = limit.limit if key == 0 else min(limit.limit, tokens + (now - last) * limit.limit / limit.period)
+            _SLOT.pack_into(self.buffer, slot * _SLOT.size, digest, max(tokens - 1, 0), now)
+
+
 def make_store(kind: str, socket_path: str, redis_url: str):
     if kind == "in-process":
         return InProcessStore(2_000_000, 1 << 30)
     if kind == "local":
         return LocalStore(socket_path, 1.0)
+    if kind == "sqlite-tmpfs":
+        return SqliteTmpfsStore(_SHARED["sqlite"])
+    if kind == "shm-lock":
+        return SharedMemoryStore()
     from gateway.store.redis import RedisStore
     return RedisStore(StoreSettings(backend="redis", url=redis_url, timeout=1.0))
 
@@ -71,6 +143,8 @@ async def client_run(kind: str, socket_path: str, redis_url: str, ops: int, clie
     running = False
     await tick
     await store.close()
+    if kind in BLOCKING:  # the ticker never ran: each call held the loop for its whole duration
+        worst_lag = max(latencies)
     return latencies, worst_lag
 
 
@@ -133,11 +207,22 @@ def main() -> None:
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
         wait_until(lambda: subprocess.run(["redis-cli", "-p", str(redis_port), "ping"], capture_output=True,
                                           text=True).stdout.strip() == "PONG")
-        rows = {kind: measure(kind, socket_path, redis_url, args.ops) for kind in ("in-process", "local", "redis")}
+        _SHARED["memory"] = shared_memory.SharedMemory(create=True, size=SLOTS * _SLOT.size)
+        _SHARED["lock"] = multiprocessing.get_context("fork").Lock()
+        _SHARED["sqlite"] = os.path.join("/dev/shm" if os.path.isdir("/dev/shm") else directory,
+                                         f"plugway-store-bench-{os.getpid()}.db")
+        kinds = ("in-process", "local", "redis", "sqlite-tmpfs", "shm-lock")
+        rows = {kind: measure(kind, socket_path, redis_url, args.ops) for kind in kinds}
         before = rss_mib(store_process.pid)
         fill_seconds = asyncio.run(fill(socket_path, args.keys))
         after = rss_mib(store_process.pid)
     finally:
+        if "memory" in _SHARED:
+            _SHARED["memory"].close()
+            _SHARED["memory"].unlink()
+        for suffix in ("", "-wal", "-shm"):
+            if "sqlite" in _SHARED and os.path.exists(_SHARED["sqlite"] + suffix):
+                os.unlink(_SHARED["sqlite"] + suffix)
         redis.terminate()
         redis.wait()
         store_process.terminate()
@@ -148,7 +233,7 @@ def main() -> None:
 
 def report(rows, args, before: float, after: float, fill_seconds: float) -> None:
     us = lambda seconds: f"{seconds * 1e6:,.0f}"  # noqa: E731
-    print(f"## Store: one rate-limit check ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, nproc {os.cpu_count()})")
+    print(f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, nproc {os.cpu_count()}: store, one rate-limit check")
     print()
     print(f"`.venv/bin/python loadtest/store_bench.py --ops {args.ops} --keys {args.keys}`")
     print()

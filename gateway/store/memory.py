@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 
 # Bytes of memory per key besides the key's characters and a bytes value: the entry, its state tuple,
 # the ordered dict's slot and node. Measured: 1,000,000 token-bucket keys of ~40 characters took
-# ~430 bytes each in the store process (loadtest/store_bench.py, RESULTS.md).
+# ~410 bytes each in the store process (loadtest/store_bench.py, RESULTS.md).
 KEY_OVERHEAD = 390
 
 
