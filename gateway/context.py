@@ -40,6 +40,9 @@ class RequestContext:
     - ``request_id``: sent upstream and back to the client.
     - ``consumer``: set by an auth plugin (writable), or None.
     - ``version``: the API version a versioning plugin chose (writable), or None.
+    - ``avoid_targets``: URLs of targets this request must not go to (writable, a
+      frozenset; e.g. those whose circuit breaker is open). The balancer skips them on every
+      try, in panic mode too; when they leave no target, the answer is 503.
     - ``state``: a dict for plugins to share per-request data (writable);
       key it by your plugin's name.
     - ``log``: extra fields for the access log line (writable).
@@ -51,7 +54,7 @@ class RequestContext:
     __slots__ = (
         "request", "gateway", "method", "host", "path", "query", "path_params", "route", "upstream", "target",
         "client_ip", "peer_ip", "peer_trusted", "scheme", "listener_scheme", "request_id", "consumer", "version", "state",
-        "log", "started", "method_refusal",
+        "log", "started", "method_refusal", "avoid_targets",
         "status", "bytes_in", "bytes_out", "upstream_seconds", "error",
     )
 
@@ -76,6 +79,7 @@ class RequestContext:
         self.request_id = ""
         self.consumer: Consumer | None = None
         self.version: str | None = None
+        self.avoid_targets: frozenset[str] = frozenset()
         self.state: dict[str, Any] = {}
         self.log: dict[str, Any] = {}
         self.status = 0

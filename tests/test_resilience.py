@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from support import _read_request, async_wait_until, free_port, http_response, route_config
+from gateway import PluginDeclaration, hookimpl
 from gateway.config.model import RetrySettings
 from gateway.config.units import Duration
 from gateway.proxy import _backoff
@@ -647,6 +648,44 @@ async def test_when_every_target_is_down_503_unless_panic_mode(plugway_gateway, 
             assert response.status == expected
             if expected == 503:
                 assert (await response.json())["error"]["code"] == "no_target_available"
+
+
+class AvoidTargets:
+    """Keeps each request away from the targets whose URLs its X-Avoid header lists."""
+
+    @hookimpl
+    def declare_plugin(self):
+        return PluginDeclaration()
+
+    @hookimpl
+    def on_request(self, ctx):
+        ctx.avoid_targets = frozenset(ctx.request.headers.get("X-Avoid", "").split())
+
+
+async def test_a_plugin_keeps_requests_away_from_targets_even_in_panic_mode(plugway_gateway, aiohttp_raw_server):
+    served = collections.Counter()
+
+    def handler_for(name):
+        async def handler(request):
+            served[name] += 1
+            return web.Response(text=name)
+        return handler
+
+    a, b = [str((await aiohttp_raw_server(handler_for(name))).make_url("")).rstrip("/") for name in ("a", "b")]
+    for panic in ("false", "true"):
+        gateway = await plugway_gateway(config([a, b], upstream=f"panic_mode = {panic}") + "\n[plugins.avoid]\n",
+                                        plugins={"avoid": AvoidTargets()})
+        served.clear()
+        for _ in range(6):
+            async with gateway.client.get("/api/x", headers={"X-Avoid": b}) as response:
+                assert response.status == 200
+        assert served == {"a": 6}
+        async with gateway.client.get("/api/x", headers={"X-Avoid": f"{a} {b}"}) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "no_target_available"
+        assert served == {"a": 6}
+        await statuses(gateway, 4)
+        assert served == {"a": 8, "b": 2}  # avoiding is per request
 
 
 async def test_one_checker_per_host_whatever_the_worker_count(plugway_process, aiohttp_raw_server):

@@ -75,16 +75,21 @@ class Upstream:
     # --- choosing a target -----------------------------------------------------------------------
 
     def choose(self, ctx: RequestContext, exclude: frozenset = frozenset()) -> Target:
-        """A target for the next try; ``exclude`` holds targets already tried for this request."""
+        """A target for the next try; ``exclude`` holds targets already tried for this request,
+        ``ctx.avoid_targets`` the URLs of those a plugin keeps it away from."""
         if self.loop.time() >= self._recheck_at:
             self._refresh_availability()
         key = self.hash_key(ctx) if self.hash_key is not None else None
-        unavailable = self.unavailable | exclude if exclude else self.unavailable
-        target = self.balancer.pick(key, unavailable)
+        unavailable = self.unavailable
+        avoided: frozenset[Target] = frozenset()
+        if ctx.avoid_targets:
+            avoided = frozenset(t for t in self.targets if t.url in ctx.avoid_targets)
+            unavailable = unavailable | avoided
+        target = self.balancer.pick(key, unavailable | exclude if exclude else unavailable)
         if target is None and exclude:
-            target = self.balancer.pick(key, self.unavailable)  # every target tried: try one again
+            target = self.balancer.pick(key, unavailable)  # every target tried: try one again
         if target is None and self.settings.panic_mode:
-            target = self.balancer.pick(key)
+            target = self.balancer.pick(key, avoided)
         if target is None:
             raise NoTargetAvailable(f'no target of upstream "{self.name}" is available')
         return target

@@ -207,7 +207,7 @@ class UpstreamGuard:
         self.per_target = settings.per_target
         self.breaker = None if self.per_target else workers.new_breaker(self, None)
         self.targets: dict[str, SharedBreaker] = {}
-        self.open_targets = 0  # per_target: how many of this worker's target views are open
+        self.unclosed_targets = 0  # per_target: how many of this worker's target views are not closed
         if self.per_target:
             for target in upstream.targets:
                 self.target_breaker(target.url)
@@ -220,15 +220,6 @@ class UpstreamGuard:
 
     def breakers(self) -> list[SharedBreaker]:
         return list(self.targets.values()) if self.per_target else [self.breaker]
-
-    def all_targets_open(self, now: float) -> int:
-        """Per target: seconds until the first target probes if every target is open, else 0."""
-        if not self.open_targets:
-            return 0
-        breakers = [self.target_breaker(target.url) for target in self.upstream.targets]
-        if not breakers or any(b.breaker.state(now) != OPEN for b in breakers):
-            return 0
-        return min(b.breaker.retry_after(now) for b in breakers)
 
     def state(self, now: float) -> str:
         if not self.per_target:
@@ -243,8 +234,8 @@ class UpstreamGuard:
         if self.per_target and len(self.targets) > len(self.upstream.targets):
             current = {target.url for target in self.upstream.targets}
             for url in [url for url in self.targets if url not in current]:
-                if self.targets.pop(url).observed == OPEN:
-                    self.open_targets -= 1
+                if self.targets.pop(url).observed != CLOSED:
+                    self.unclosed_targets -= 1
 
 
 class WorkerBreakers(Events):
@@ -290,7 +281,7 @@ class WorkerBreakers(Events):
             self.state_gauge.labels(guard.name).set(GAUGE_VALUES[new])
             return
         self.target_gauge.labels(guard.name, breaker.target).set(GAUGE_VALUES[new])
-        guard.open_targets += (new == OPEN) - (old == OPEN)
+        guard.unclosed_targets += (new != CLOSED) - (old != CLOSED)
         self.state_gauge.labels(guard.name).set(GAUGE_VALUES[guard.state(time.time())])
 
     def transition(self, breaker: SharedBreaker, old: str, new: str, period: Period, local: bool) -> None:
@@ -365,12 +356,14 @@ def _timestamp(seconds: float) -> str:
 class Attempt:
     """A request the breaker let through: which breaker and ticket its outcome goes to."""
 
-    __slots__ = ("guard", "breaker", "ticket", "done", "head_ok")
+    __slots__ = ("guard", "breaker", "ticket", "probes", "done", "head_ok")
 
-    def __init__(self, guard: UpstreamGuard, breaker: SharedBreaker | None, ticket: Ticket | None) -> None:
+    def __init__(self, guard: UpstreamGuard, breaker: SharedBreaker | None, ticket: Ticket | None,
+                 probes: dict[str, tuple[SharedBreaker, Ticket]] | None = None) -> None:
         self.guard = guard
         self.breaker = breaker
         self.ticket = ticket
+        self.probes = probes  # per target: the half-open targets this request may probe, by URL
         self.done = False
         self.head_ok = False
 
@@ -410,11 +403,10 @@ def on_request(ctx, settings):
     guard = ctx.gateway.state[PLUGIN].guards[ctx.route.upstream.name]
     now = time.time()
     if guard.per_target:
-        retry_after = guard.all_targets_open(now)
-        if retry_after:
-            return _refuse(ctx, settings, guard, retry_after)
-        ctx.state[PLUGIN] = Attempt(guard, None, None)
-        return None
+        if not guard.unclosed_targets:
+            ctx.state[PLUGIN] = Attempt(guard, None, None)
+            return None
+        return _steer(ctx, settings, guard, now)
     breaker = guard.breaker
     if breaker.needs_store(now):
         return _admit_with_store(ctx, settings, guard, now)
@@ -424,6 +416,28 @@ def on_request(ctx, settings):
 async def _admit_with_store(ctx, settings: BreakerSettings, guard: UpstreamGuard, now: float):
     ticket = await guard.breaker.admit_with_store(now)
     return _admitted(ctx, settings, guard, ticket, time.time())
+
+
+async def _steer(ctx, settings: BreakerSettings, guard: UpstreamGuard, now: float):
+    """Per target: keep the request away from the targets whose breaker refuses it (open, or
+    half-open with every probe taken), holding a probe ticket for each half-open target it may
+    go to; refused when that leaves no target."""
+    avoid, probes = [], {}
+    for target in guard.upstream.targets:
+        breaker = guard.target_breaker(target.url)
+        if breaker.breaker.period.state == CLOSED:
+            continue
+        ticket = await breaker.admit_with_store(now) if breaker.needs_store(now) else breaker.admit(now)
+        if ticket is None:
+            avoid.append(breaker)
+        elif ticket.probe:
+            probes[target.url] = (breaker, ticket)
+    if avoid and len(avoid) == len(guard.upstream.targets):
+        return _refuse(ctx, settings, guard, min(b.breaker.retry_after(time.time()) for b in avoid))
+    if avoid:
+        ctx.avoid_targets |= {breaker.target for breaker in avoid}
+    ctx.state[PLUGIN] = Attempt(guard, None, None, probes)
+    return None
 
 
 def _admitted(ctx, settings: BreakerSettings, guard: UpstreamGuard, ticket: Ticket | None, now: float):
@@ -495,12 +509,19 @@ def _outcome(ctx, attempt: Attempt, failed: bool, *, neutral: bool = False) -> N
     attempt.done = True
     if attempt.breaker is None:  # per target: the target is known now
         target = ctx.target
-        if neutral or target is None or ctx.upstream is not attempt.guard.upstream:
+        url = target.url if target is not None and ctx.upstream is attempt.guard.upstream else None
+        for probed, (breaker, ticket) in (attempt.probes or {}).items():
+            if probed == url:
+                attempt.breaker, attempt.ticket = breaker, ticket
+            else:
+                breaker.release(ticket)  # the balancer sent the request elsewhere
+        if url is None or neutral and attempt.breaker is None:
             return
-        attempt.breaker = attempt.guard.target_breaker(target.url)
-        attempt.ticket = attempt.breaker.ticket_at(time.time())
-        if attempt.ticket is None:
-            return
+        if attempt.breaker is None:
+            attempt.breaker = attempt.guard.target_breaker(url)
+            attempt.ticket = attempt.breaker.ticket_at(time.time())
+            if attempt.ticket is None:
+                return
     if neutral or ctx.upstream is not attempt.guard.upstream:  # redirected by another plugin: not ours to judge
         attempt.breaker.release(attempt.ticket)
         return

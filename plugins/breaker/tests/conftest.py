@@ -27,13 +27,14 @@ HALF = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 500
 
 class RawUpstream:
     """An HTTP/1.1 upstream on 127.0.0.1 written on asyncio streams, answering per ``mode``:
-    ok, error (500), hole (never answers), slow (200 after ``delay``), cut (half the body),
-    refuse (the listener is closed: connections are refused)."""
+    ok, error (500), hole (never answers), slow (200 after ``delay``), held (200 once
+    ``release`` is set), cut (half the body), refuse (the listener is closed: connections are refused)."""
 
     def __init__(self, mode: str = "ok", delay: float = 1.0) -> None:
         self.mode = mode
         self.delay = delay
         self.hits = 0
+        self.release = asyncio.Event()
         self.port = 0
         self.server: asyncio.Server | None = None
         self.held: set[asyncio.StreamWriter] = set()
@@ -74,6 +75,8 @@ class RawUpstream:
                     await asyncio.Event().wait()
                 if mode == "slow":
                     await asyncio.sleep(self.delay)
+                if mode == "held":
+                    await self.release.wait()
                 writer.write(ERROR if mode == "error" else HALF if mode == "cut" else OK)
                 await writer.drain()
                 if mode == "cut":

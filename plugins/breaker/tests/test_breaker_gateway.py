@@ -191,22 +191,70 @@ async def test_the_admin_view_shows_the_breaker(plugway_gateway, raw_upstream, b
     assert view["opened_at"].endswith("Z") and view["open_until"] > view["opened_at"]
 
 
-async def test_per_target_breakers_record_each_target_and_refuse_when_all_are_open(plugway_gateway, raw_upstream,
-                                                                                    breaker_config):
+def target_state(gateway, target) -> float:
+    return gateway.metric("plugway_breaker_target_state", upstream="app", target=target.url)
+
+
+async def test_per_target_breakers_steer_requests_away_from_an_open_target(plugway_gateway, raw_upstream,
+                                                                           breaker_config):
     good, bad = await raw_upstream("ok"), await raw_upstream("error")
     gateway = await plugway_gateway(breaker_config([good.url, bad.url], FAST + "\nper_target = true"))
     results = await statuses(gateway, 6)  # round robin: good, bad, good, bad...
     assert results == [200, 500] * 3
-    assert gateway.metric("plugway_breaker_target_state", upstream="app", target=bad.url) == 1
-    assert gateway.metric("plugway_breaker_target_state", upstream="app", target=good.url) == 0
+    assert target_state(gateway, bad) == 1 and target_state(gateway, good) == 0
     assert state(gateway) == 0  # one target still closed: the upstream serves
     view = (await upstream_view(gateway))["breaker"]
     assert view["per_target"] and view["targets"][bad.url]["state"] == "open"
-    await good.set_mode("error")
+    hits = bad.hits
+    assert await statuses(gateway, 6) == [200] * 6  # all to the good target while the bad one is open
+    assert bad.hits == hits
+    assert gateway.metric("plugway_breaker_rejected_total", upstream="app") == 0
+
+
+async def in_flight_to(gateway, upstream) -> asyncio.Task:
+    """Sends requests one at a time until one reaches ``upstream``; returns that one, still in flight."""
+    hits = upstream.hits
+    while True:
+        request = asyncio.create_task(statuses(gateway, 1))
+        await wait_for(lambda: request.done() or upstream.hits > hits)
+        if upstream.hits > hits:
+            return request
+        assert request.result() == [200]
+
+
+async def test_a_half_open_target_gets_exactly_its_probes_and_closes(plugway_gateway, raw_upstream, breaker_config):
+    good, bad = await raw_upstream("ok"), await raw_upstream("error")
+    gateway = await plugway_gateway(breaker_config([good.url, bad.url], FAST + "\nper_target = true",
+                                                   upstream='read_timeout = "60s"'))
     await statuses(gateway, 6)
+    assert target_state(gateway, bad) == 1
+    await bad.set_mode("held")  # the probe stays in flight while the others arrive
+    await wait_for(lambda: target_state(gateway, bad) == 2)  # the clock makes it half-open
+    hits = bad.hits
+    probe = await in_flight_to(gateway, bad)  # the balancer may send the probe holder elsewhere first
+    others = await asyncio.gather(*(statuses(gateway, 1) for _ in range(6)))
+    assert others == [[200]] * 6  # half_open_probes = 1: the others went to the good target
+    bad.release.set()
+    assert await probe == [200]
+    assert bad.hits - hits == 1
+    assert target_state(gateway, bad) == 0  # the probe succeeded
+    await bad.set_mode("ok")
+    hits = bad.hits
+    assert await statuses(gateway, 4) == [200] * 4
+    assert bad.hits - hits == 2  # back in the rotation
+
+
+async def test_per_target_breakers_refuse_when_every_target_is_open(plugway_gateway, raw_upstream, breaker_config):
+    first, second = await raw_upstream("error"), await raw_upstream("error")
+    gateway = await plugway_gateway(breaker_config([first.url, second.url],
+                                                   'consecutive_failures = 3\nopen_for = "30s"\nper_target = true'))
+    assert await statuses(gateway, 6) == [500] * 6
     await wait_for(lambda: state(gateway) == 1)
+    hits = first.hits + second.hits
     async with gateway.client.get("/api/x") as response:
         assert response.status == 503 and (await response.json())["error"]["code"] == "circuit_open"
+        assert 29 <= int(response.headers["Retry-After"]) <= 30
+    assert first.hits + second.hits == hits
 
 
 class Redirect:
