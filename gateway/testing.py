@@ -4,29 +4,25 @@ Installed with Plugway as a pytest plugin (entry point ``pytest11``), so a
 plugin's test suite only needs ``pytest-aiohttp``::
 
     from aiohttp import web
+    from gateway.testing import proxy_config
 
     async def hello(request):
         return web.Response(text="hi")
 
     async def test_adds_header(plugway_gateway, aiohttp_raw_server):
         upstream = await aiohttp_raw_server(hello)
-        gateway = await plugway_gateway(f'''
-            [[upstreams]]
-            name = "app"
-            targets = [{{ url = "{upstream.make_url('')}" }}]
-            [[routes]]
-            name = "all"
-            prefix = "/"
-            upstream = "app"
+        gateway = await plugway_gateway(proxy_config(upstream.make_url(""), plugins='''
             [plugins.myplugin]
             greeting = "hello"
-        ''', plugins={"myplugin": myplugin})
-        async with gateway.client.get("/") as response:
+        '''), plugins={"myplugin": myplugin})
+        async with gateway.client.get("/api/x") as response:
             assert response.headers["X-Greeting"] == "hello"
 
-``plugins`` registers plugin modules under a name without installing them;
-installed plugins are found by entry point as in production. Everything
-started is stopped at the end of the test.
+``proxy_config`` writes the configuration most tests need around the test's own
+tables: the upstream "app" (here the test's server) and the route "api" on /api
+to it; ``route_table`` adds more routes. ``plugins`` registers plugin modules
+under a name without installing them; installed plugins are found by entry
+point as in production. Everything started is stopped at the end of the test.
 
 ``plugway_process`` runs the real ``plugway run`` (supervisor and workers)
 instead, for tests of what only a cluster shows; ``redis_server`` and
@@ -143,7 +139,46 @@ class HeaderIdentity:
             )
 
 
+def proxy_config(upstream_url: str, *, server: str = "", upstream: str = "", route: str = "", routes: str = "",
+                 plugins: str = "") -> str:
+    """The configuration most gateway tests start from, as TOML text: the upstream "app" with
+    the one target ``upstream_url``, the route "api" on the prefix /api to it, no access log.
+
+    Each keyword is TOML text (its indentation does not matter) put where it belongs: ``server``,
+    keys of [server]; ``upstream``, more keys of "app"; ``route``, keys and sub-tables of "api",
+    such as ``[routes.plugins.NAME]``; ``routes``, more [[routes]] (see ``route_table``) and
+    [[upstreams]] tables; ``plugins``, the [plugins.NAME] tables and any other top-level table,
+    last. For example, "myplugin" on /api but off on /open::
+
+        proxy_config(url, routes=route_table("open", myplugin="enabled = false"),
+                     plugins="[plugins.myplugin]\\ngreeting = 'hello'")
+    """
+    return _toml_lines(
+        "[server]", server,
+        "[log]", "access = false",
+        "[[upstreams]]", 'name = "app"', f'targets = [{{ url = "{upstream_url}" }}]', upstream,
+        "[[routes]]", 'name = "api"', 'prefix = "/api"', 'upstream = "app"', route,
+        routes, plugins,
+    )
+
+
+def route_table(name: str, prefix: str | None = None, *, upstream: str = "app", **plugins: str) -> str:
+    """One more [[routes]] table, for ``proxy_config(routes=...)``: ``name`` on ``prefix`` (by
+    default "/" + name) to ``upstream``. Each keyword NAME="keys" adds [routes.plugins.NAME] with
+    those keys: ``route_table("open", auth="enabled = false")`` is a route with auth off."""
+    tables = (part for plugin, settings in plugins.items() for part in (f"[routes.plugins.{plugin}]", settings))
+    return _toml_lines("[[routes]]", f'name = "{name}"', f'prefix = "{prefix or "/" + name}"',
+                       f'upstream = "{upstream}"', *tables)
+
+
+def _toml_lines(*parts: str) -> str:
+    """The parts, each dedented, one after another (empty ones left out)."""
+    texts = (textwrap.dedent(part).strip() for part in parts)
+    return "".join(text + "\n" for text in texts if text)
+
+
 def free_port() -> int:
+    """A loopback port nobody listens on (free now: another process may take it later)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import httptools
 
-from gateway.testing import PLUGWAY, CertificateAuthority, free_port, wait_until  # noqa: F401  (re-exported)
+from gateway.testing import PLUGWAY, CertificateAuthority, free_port, proxy_config, wait_until
+
+__all__ = [  # PLUGWAY, CertificateAuthority, free_port and wait_until too: the core tests import them from here
+    "PLUGWAY", "ROOT", "CertificateAuthority", "RawUpstream", "TlsRawUpstream", "async_wait_until",
+    "async_wait_until_quiet", "free_port", "http_response", "open_small_buffered", "raw_exchange", "read_responses",
+    "route_config", "wait_until",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,24 +39,9 @@ async def async_wait_until(condition: Callable[[], bool], timeout: float = 15.0)
 
 
 def route_config(upstream_url: str, *, route: str = "", upstream: str = "", extra: str = "", server: str = "") -> str:
-    """A one-upstream, one-route configuration; ``server``/``route``/``upstream`` add keys to those tables."""
-    return textwrap.dedent(f"""
-        [server]
-        {textwrap.dedent(server).strip()}
-        [log]
-        access = false
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream_url}" }}]
-        {textwrap.dedent(upstream).strip()}
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        strip_prefix = true
-        {textwrap.dedent(route).strip()}
-        {textwrap.dedent(extra).strip()}
-    """)
+    """``proxy_config`` with ``strip_prefix`` on the route "api"; ``extra`` (more routes, then plugins) follows it."""
+    route = f"strip_prefix = true\n{textwrap.dedent(route)}"
+    return proxy_config(upstream_url, server=server, upstream=upstream, route=route, routes=extra)
 
 
 class RawUpstream:

@@ -4,6 +4,8 @@ import asyncio
 import logging
 import time
 
+from gateway.testing import route_table
+
 from support import (
     async_wait_until, async_wait_until_quiet, http_response, open_small_buffered, raw_exchange, read_responses,
     route_config,
@@ -178,12 +180,8 @@ async def test_underscored_headers_can_be_allowed_but_identity_spellings_never(p
 
 async def test_client_supplied_identity_headers_never_reach_the_upstream_on_any_route(plugway_gateway, raw_upstream):
     upstream = await raw_upstream(lambda request: http_response())
-    config = route_config(upstream.url, server='identity_headers = ["X-User-ID", "X-Tenant"]', extra="""
-        [[routes]]
-        name = "other"
-        prefix = "/other"
-        upstream = "app"
-    """)
+    server = 'identity_headers = ["X-User-ID", "X-Tenant"]'
+    config = route_config(upstream.url, server=server, extra=route_table("other"))
     gateway = await plugway_gateway(config)
     for path in (b"/api/x", b"/other/x"):
         await raw_exchange(gateway.port, b"GET " + path + b" HTTP/1.1\r\nHost: h\r\nx-user-id: admin\r\n"

@@ -10,6 +10,7 @@ import pytest
 from gateway import GatewayError, PluginDeclaration, Response, hookimpl, setting
 from gateway.config.schema import ConfigErrors
 from gateway.plugins import EMPTY_CHAIN, installed_plugins
+from gateway.testing import route_table
 
 from support import PLUGWAY, free_port, route_config
 
@@ -110,17 +111,7 @@ async def test_plugins_are_enabled_disabled_and_configured_per_route(plugway_gat
     config = route_config(url, route="""
         [routes.plugins.sample]
         tag = "route-level"
-    """, extra="""
-        [[routes]]
-        name = "quiet"
-        prefix = "/quiet"
-        upstream = "app"
-        [routes.plugins.sample]
-        enabled = false
-        [[routes]]
-        name = "plain"
-        prefix = "/plain"
-        upstream = "app"
+    """, extra=route_table("quiet", sample="enabled = false") + route_table("plain") + """
         [plugins.sample]
         tag = "global"
     """)
@@ -137,12 +128,7 @@ async def test_plugins_are_enabled_disabled_and_configured_per_route(plugway_gat
 
 async def test_a_plugin_enabled_only_on_one_route_costs_the_others_nothing(plugway_gateway, aiohttp_raw_server):
     url, _ = await upstream_url(aiohttp_raw_server)
-    config = route_config(url, route="[routes.plugins.sample]\n", extra="""
-        [[routes]]
-        name = "bare"
-        prefix = "/bare"
-        upstream = "app"
-    """)
+    config = route_config(url, route="[routes.plugins.sample]\n", extra=route_table("bare"))
     gateway = await plugway_gateway(config)
     routes = {route.name: route for route in gateway.gateway.router.routes}
     assert routes["bare"].chain is EMPTY_CHAIN

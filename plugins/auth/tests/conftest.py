@@ -22,6 +22,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
+from gateway.testing import proxy_config, route_table
+
 ISSUER = "https://idp.example.test/"
 AUDIENCE = "orders-api"
 
@@ -197,34 +199,8 @@ def auth_config(upstream):
     [plugins.auth]), /public (auth with anonymous allowed) and /open (no auth at all)."""
 
     def build(plugin: str, *, routes: str = "", server: str = "", extra: str = "") -> str:
-        return textwrap.dedent(f"""
-            [server]
-            {textwrap.dedent(server).strip()}
-            [log]
-            access = false
-            [[upstreams]]
-            name = "app"
-            targets = [{{ url = "{upstream.url}" }}]
-            [[routes]]
-            name = "api"
-            prefix = "/api"
-            upstream = "app"
-            [[routes]]
-            name = "public"
-            prefix = "/public"
-            upstream = "app"
-            [routes.plugins.auth]
-            anonymous = true
-            [[routes]]
-            name = "open"
-            prefix = "/open"
-            upstream = "app"
-            [routes.plugins.auth]
-            enabled = false
-            {textwrap.dedent(routes).strip()}
-            [plugins.auth]
-            {textwrap.dedent(plugin).strip()}
-            {textwrap.dedent(extra).strip()}
-        """)
+        public_and_open = route_table("public", auth="anonymous = true") + route_table("open", auth="enabled = false")
+        return proxy_config(upstream.url, server=server, routes=public_and_open + textwrap.dedent(routes),
+                            plugins=f"[plugins.auth]\n{textwrap.dedent(plugin)}\n{textwrap.dedent(extra)}")
 
     return build

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import textwrap
 import time
 
 import aiohttp
 import pytest
+
+from gateway.testing import proxy_config
 
 PROBE = '''
 import os
@@ -36,20 +37,9 @@ def probe_path(tmp_path) -> str:
 
 
 def config(upstream: str, hmac_file, *, workers: int, store: str = "") -> str:
-    return textwrap.dedent(f"""
-        [server]
-        workers = {workers}
-        [log]
-        access = false
+    return proxy_config(upstream, server=f"workers = {workers}", plugins=f"""
         [store]
         {store}
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream}" }}]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
         [plugins."authtest_probe.whoami"]
         [plugins.auth]
         [[plugins.auth.issuers]]

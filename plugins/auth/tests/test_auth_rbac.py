@@ -10,16 +10,11 @@ from urllib.parse import unquote
 
 import pytest
 
+from gateway.testing import route_table
+
 pytest.importorskip("plugway_rbac")
 
-ADMIN_ROUTE = """
-    [[routes]]
-    name = "admin"
-    prefix = "/admin"
-    upstream = "app"
-    [routes.plugins.rbac]
-    rules = [{ path = "/admin/**", roles = ["admin"] }]
-"""
+ADMIN_ROUTE = route_table("admin", rbac='rules = [{ path = "/admin/**", roles = ["admin"] }]')
 RBAC = """
     [plugins.rbac.roles]
     viewer = { permissions = ["tasks:read"] }

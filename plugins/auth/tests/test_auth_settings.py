@@ -13,24 +13,13 @@ import plugway_auth
 from gateway import config as gateway_config
 from gateway.config.schema import ConfigErrors
 from gateway.plugins import load_plugins
-from gateway.testing import PLUGWAY
+from gateway.testing import PLUGWAY, proxy_config
 
 README = Path(plugway_auth.__file__).resolve().parent.parent / "README.md"
 
 
 def errors_of(plugin: str, server: str = "") -> list[str]:
-    text = textwrap.dedent(f"""
-        [server]
-        {server}
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "http://127.0.0.1:9" }}]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        [plugins.auth]
-    """) + textwrap.dedent(plugin)
+    text = proxy_config("http://127.0.0.1:9", server=server, plugins="[plugins.auth]\n" + textwrap.dedent(plugin))
     with pytest.raises(ConfigErrors) as caught:
         load_plugins(gateway_config.loads(text))
     return [str(error) for error in caught.value.errors]
@@ -45,16 +34,8 @@ def test_identity_headers_must_be_ones_the_core_strips():
     assert any(m.startswith("plugins.auth.consumer_header: X-User must be listed in server.identity_headers")
                for m in messages)
     assert any(m.startswith("plugins.auth.claim_headers: X-Consumer-Email must be listed") for m in messages)
-    text = textwrap.dedent("""
-        [server]
-        identity_headers = ["X-User", "X-Consumer-Roles", "X-Consumer-Scopes"]
-        [[upstreams]]
-        name = "app"
-        targets = [{ url = "http://127.0.0.1:9" }]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
+    listed = 'identity_headers = ["X-User", "X-Consumer-Roles", "X-Consumer-Scopes"]'
+    text = proxy_config("http://127.0.0.1:9", server=listed, plugins="""
         [plugins.auth]
         anonymous = true
         consumer_header = "x-user"

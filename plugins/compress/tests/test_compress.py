@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config.schema import ConfigErrors
+from gateway.testing import proxy_config, route_table
 from plugway_compress.codecs import BROTLI, BROTLI_DECODE
 from plugway_compress.encoding import choose_encoding
 
@@ -64,24 +65,11 @@ class Upstream:
 
 
 async def start(plugway_gateway, aiohttp_raw_server, plugins: str = "[plugins.compress]", *, route: str = "",
-                server: str = ""):
+                routes: str = "", server: str = ""):
     upstream = Upstream()
     raw = await aiohttp_raw_server(upstream.handle, auto_decompress=False)  # record bodies as they arrive
-    gateway = await plugway_gateway(f"""
-        [server]
-        {server}
-        [log]
-        access = false
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{raw.make_url('')}" }}]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        {route}
-        {plugins}
-    """)
+    gateway = await plugway_gateway(proxy_config(raw.make_url(""), server=server, route=route, routes=routes,
+                                                 plugins=plugins))
     return gateway, upstream
 
 
@@ -204,13 +192,7 @@ async def test_request_bodies_are_decompressed_only_where_allowed(plugway_gatewa
         [routes.plugins.compress]
         decompress_requests = true
         max_decompressed_size = "64KiB"
-    """, plugins="""
-        [[routes]]
-        name = "raw"
-        prefix = "/raw"
-        upstream = "app"
-        [plugins.compress]
-    """)
+    """, routes=route_table("raw"))
     two_members = gzip.compress(BIG[:1000]) + gzip.compress(BIG[1000:])
     async with gateway.client.post("/api/echo", data=two_members, headers={"Content-Encoding": "gzip"}) as response:
         assert response.status == 200

@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 
 from gateway.config.schema import ConfigErrors
+from gateway.testing import proxy_config, route_table
 from plugway_cors.policy import Origins
 
 APP = "https://app.example.com"
@@ -47,28 +48,9 @@ async def start(plugway_gateway, aiohttp_raw_server, cors: str, *, route: str = 
         return web.Response(text="upstream", headers=upstream_headers or {})
 
     upstream = await aiohttp_raw_server(handler)
-    extra = AUTH if auth else ""
-    gateway = await plugway_gateway(f"""
-        [log]
-        access = false
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream.make_url('')}" }}]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        {route}
-        [[routes]]
-        name = "plain"
-        prefix = "/plain"
-        upstream = "app"
-        [routes.plugins.cors]
-        enabled = false
-        [plugins.cors]
-        {cors}
-        {extra}
-    """)
+    plugins = f"[plugins.cors]\n{cors}\n{AUTH if auth else ''}"
+    gateway = await plugway_gateway(proxy_config(upstream.make_url(""), route=route,
+                                                 routes=route_table("plain", cors="enabled = false"), plugins=plugins))
     return gateway, seen
 
 

@@ -10,11 +10,13 @@ import pytest
 from aiohttp import web
 
 from gateway.config.schema import ConfigErrors
+from gateway.testing import proxy_config, route_table
 from plugway_iprestrict.addresses import AddressSet, permitted
 
 
 async def start(plugway_gateway, aiohttp_raw_server, plugins: str, server: str = "", route: str = ""):
-    """A gateway with one route /api to an upstream that answers "ok"; returns it and the paths served."""
+    """A gateway with routes /api (iprestrict as configured) and /open (iprestrict off) to an upstream
+    that answers "ok"; returns it and the paths served."""
     served = []
 
     async def handler(request):
@@ -22,27 +24,8 @@ async def start(plugway_gateway, aiohttp_raw_server, plugins: str, server: str =
         return web.Response(text="ok")
 
     upstream = await aiohttp_raw_server(handler)
-    gateway = await plugway_gateway(f"""
-        [server]
-        {server}
-        [log]
-        access = false
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream.make_url('')}" }}]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        {route}
-        [[routes]]
-        name = "open"
-        prefix = "/open"
-        upstream = "app"
-        [routes.plugins.iprestrict]
-        enabled = false
-        {plugins}
-    """)
+    gateway = await plugway_gateway(proxy_config(upstream.make_url(""), server=server, route=route, plugins=plugins,
+                                                 routes=route_table("open", iprestrict="enabled = false")))
     return gateway, served
 
 

@@ -1,6 +1,5 @@
 """The rate limiting plugin on a real gateway (in-process store), against a real upstream."""
 
-import asyncio
 import hashlib
 import secrets
 import textwrap
@@ -10,7 +9,7 @@ import jwt
 import pytest
 from aiohttp import web
 
-from gateway.testing import HeaderIdentity
+from gateway.testing import HeaderIdentity, proxy_config, route_table
 
 
 async def ok(request):
@@ -24,23 +23,22 @@ async def upstream(aiohttp_raw_server):
 
 
 def config(upstream: str, plugin: str, server: str = "", routes: str = "", identity: str = "[plugins.identity]") -> str:
-    return textwrap.dedent(f"""
-        [server]
-        {server}
-        [log]
-        access = false
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream}" }}]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        {textwrap.dedent(routes)}
-        {textwrap.dedent(identity)}
-        [plugins.ratelimit]
-        {textwrap.dedent(plugin)}
-    """)
+    plugins = f"{textwrap.dedent(identity)}\n[plugins.ratelimit]\n{textwrap.dedent(plugin)}"
+    return proxy_config(upstream, server=server, routes=routes, plugins=plugins)
+
+
+def per_consumer_and_global(per_consumer: str, everyone: str) -> str:
+    """Two limits: "per_consumer" (``per_consumer`` for each consumer) and "global" (``everyone``)."""
+    return f"""
+        [[plugins.ratelimit.limits]]
+        name = "per_consumer"
+        key = "consumer"
+        rate = "{per_consumer}"
+        [[plugins.ratelimit.limits]]
+        name = "global"
+        key = "global"
+        rate = "{everyone}"
+    """
 
 
 async def statuses(gateway, count, path="/api/x", method="GET", headers=None):
@@ -83,16 +81,7 @@ async def test_sliding_window_never_admits_more_than_the_limit_in_a_window(plugw
 
 
 async def test_every_limit_must_pass_and_a_refusal_counts_against_none(plugway_gateway, upstream):
-    plugin = """
-        [[plugins.ratelimit.limits]]
-        name = "per_consumer"
-        key = "consumer"
-        rate = "2/h"
-        [[plugins.ratelimit.limits]]
-        name = "global"
-        key = "global"
-        rate = "5/h"
-    """
+    plugin = per_consumer_and_global("2/h", "5/h")
     gateway = await plugway_gateway(config(upstream, plugin), plugins={"identity": HeaderIdentity()})
     alice, bob, carol = ({"X-Test-User": name} for name in ("alice", "bob", "carol"))
     assert await statuses(gateway, 4, headers=alice) == [200, 200, 429, 429]  # alice's refusals cost global nothing
@@ -148,20 +137,7 @@ async def test_path_variants_and_head_share_the_routes_limit(plugway_gateway, up
 
 
 async def test_a_route_can_turn_the_limit_off_or_set_its_own(plugway_gateway, upstream):
-    routes = """
-        [[routes]]
-        name = "open"
-        prefix = "/open"
-        upstream = "app"
-        [routes.plugins.ratelimit]
-        enabled = false
-        [[routes]]
-        name = "strict"
-        prefix = "/strict"
-        upstream = "app"
-        [routes.plugins.ratelimit]
-        limit = "1/h"
-    """
+    routes = route_table("open", ratelimit="enabled = false") + route_table("strict", ratelimit='limit = "1/h"')
     gateway = await plugway_gateway(config(upstream, 'limit = "3/h"', routes=routes),
                                     plugins={"identity": HeaderIdentity()})
     assert await statuses(gateway, 5, path="/open/x") == [200] * 5
@@ -174,17 +150,7 @@ def rate_header_names(response) -> set[str]:
 
 
 async def test_legacy_headers_alone_show_the_tightest_limit(plugway_gateway, upstream):
-    plugin = """
-        headers = "legacy"
-        [[plugins.ratelimit.limits]]
-        name = "per_consumer"
-        key = "consumer"
-        rate = "2/h"
-        [[plugins.ratelimit.limits]]
-        name = "global"
-        key = "global"
-        rate = "10/m"
-    """
+    plugin = 'headers = "legacy"\n' + per_consumer_and_global("2/h", "10/m")
     gateway = await plugway_gateway(config(upstream, plugin), plugins={"identity": HeaderIdentity()})
     legacy = {"x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"}
     async with gateway.client.get("/api/x") as response:
@@ -243,12 +209,7 @@ async def test_a_header_key_counts_each_value_apart(plugway_gateway, upstream):
     assert await statuses(gateway, 2, headers={"X-Tenant": long + "2"}) == [200, 200]
 
 
-OTHER_ROUTE = """
-    [[routes]]
-    name = "other"
-    prefix = "/other"
-    upstream = "app"
-"""
+OTHER_ROUTE = route_table("other")
 
 
 async def test_a_route_key_counts_every_caller_of_a_route_together_and_each_route_apart(plugway_gateway, upstream):
@@ -282,14 +243,7 @@ AUTH = f"""
     algorithms = ["HS256"]
     hmac_keys = [{{ secret = {{ env = "{HMAC_ENV}" }} }}]
 """
-PUBLIC_ROUTE = """
-    [[routes]]
-    name = "public"
-    prefix = "/public"
-    upstream = "app"
-    [routes.plugins.auth]
-    anonymous = true
-"""
+PUBLIC_ROUTE = route_table("public", auth="anonymous = true")
 
 
 @pytest.fixture
@@ -367,7 +321,7 @@ def test_settings_are_checked():
     from gateway.config.schema import ConfigErrors
     from gateway.plugins import load_plugins
 
-    text = config("http://127.0.0.1:9", 'limit = "lots"\nalgorithm = "leaky"\n').replace("[plugins.identity]\n", "")
+    text = config("http://127.0.0.1:9", 'limit = "lots"\nalgorithm = "leaky"\n', identity="")
     with pytest.raises(ConfigErrors) as caught:
         load_plugins(gateway_config.loads(text))
     messages = [str(e) for e in caught.value.errors]

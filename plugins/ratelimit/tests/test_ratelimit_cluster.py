@@ -13,7 +13,7 @@ from typing import NamedTuple
 import pytest
 from aiohttp import web
 
-from gateway.testing import wait_until
+from gateway.testing import proxy_config, route_table, wait_until
 
 
 async def ok(request):
@@ -29,24 +29,8 @@ async def upstream(aiohttp_raw_server):
 def config(upstream: str, *, workers: int, plugin: str, store: str = 'timeout = "2s"', routes: str = "") -> str:
     """Accuracy tests give the store 2 s: on a machine busy with other tests a 100 ms timeout
     would fail open (by policy) and let extra requests through, which is not what they test."""
-    return textwrap.dedent(f"""
-        [server]
-        workers = {workers}
-        [log]
-        access = false
-        [store]
-        {textwrap.dedent(store)}
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream}" }}]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        {textwrap.dedent(routes)}
-        [plugins.ratelimit]
-        {textwrap.dedent(plugin)}
-    """)
+    plugins = f"[store]\n{textwrap.dedent(store)}\n[plugins.ratelimit]\n{textwrap.dedent(plugin)}"
+    return proxy_config(upstream, server=f"workers = {workers}", routes=routes, plugins=plugins)
 
 
 async def exchange(port: int, path: str = "/api/x", headers: str = "") -> bytes:
@@ -208,15 +192,7 @@ def answered_since(log: list[Answer], since: float, count: int) -> bool:
     return sum(1 for answer in log if answer.sent > since) >= count
 
 
-PROBE_ROUTE = """
-    [[routes]]
-    name = "probe"
-    prefix = "/probe"
-    upstream = "app"
-    [[routes.plugins.ratelimit.limits]]
-    key = "header:X-Seq"
-    rate = "10/h"
-"""
+PROBE_ROUTE = route_table("probe", ratelimit='limits = [{ key = "header:X-Seq", rate = "10/h" }]')
 
 
 @pytest.mark.parametrize("policy", ["fail_open", "fail_closed", "local"])

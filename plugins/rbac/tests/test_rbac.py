@@ -14,7 +14,7 @@ from gateway import config as gateway_config
 from gateway.config.schema import ConfigErrors
 from gateway.context import Consumer
 from gateway.plugins import load_plugins
-from gateway.testing import HeaderIdentity
+from gateway.testing import HeaderIdentity, proxy_config, route_table
 from plugway_rbac.patterns import PathPattern
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -49,27 +49,10 @@ async def upstream(aiohttp_raw_server):
     return recorder
 
 
-def config(upstream: Upstream, rbac: str, routes: str = "", roles: str = ROLES) -> str:
-    return textwrap.dedent(f"""
-        [log]
-        access = false
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream.url}" }}]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        {textwrap.dedent(routes)}
-        [plugins.identity]
-        [plugins.rbac]
-        {textwrap.dedent(rbac)}
-        {textwrap.dedent(roles)}
-    """)
-
-
 async def start(plugway_gateway, upstream, rbac: str, routes: str = "", roles: str = ROLES):
-    return await plugway_gateway(config(upstream, rbac, routes, roles), plugins={"identity": HeaderIdentity()})
+    plugins = f"[plugins.identity]\n[plugins.rbac]\n{textwrap.dedent(rbac)}\n{textwrap.dedent(roles)}"
+    return await plugway_gateway(proxy_config(upstream.url, routes=routes, plugins=plugins),
+                                 plugins={"identity": HeaderIdentity()})
 
 
 def who(user: str | None = None, roles: str = "", scopes: str = "", claims: dict | None = None) -> dict[str, str]:
@@ -92,22 +75,12 @@ async def answer(gateway, method: str, path: str, headers: dict[str, str]) -> tu
 
 
 TASK_RULES = """
-    [[plugins.rbac.rules]]
-    methods = ["GET"]
-    path = "/api/tasks/**"
-    require = ["tasks:read"]
-    [[plugins.rbac.rules]]
-    methods = ["POST"]
-    path = "/api/tasks/**"
-    require = ["tasks:write"]
-    [[plugins.rbac.rules]]
-    methods = ["DELETE"]
-    path = "/api/tasks/*"
-    require = ["tasks:delete"]
-    [[plugins.rbac.rules]]
-    methods = ["GET"]
-    path = "/api/projects/**"
-    require = ["projects:read"]
+    rules = [
+        { methods = ["GET"], path = "/api/tasks/**", require = ["tasks:read"] },
+        { methods = ["POST"], path = "/api/tasks/**", require = ["tasks:write"] },
+        { methods = ["DELETE"], path = "/api/tasks/*", require = ["tasks:delete"] },
+        { methods = ["GET"], path = "/api/projects/**", require = ["projects:read"] },
+    ]
 """
 
 
@@ -141,15 +114,10 @@ async def test_wildcards_grant_every_action_of_a_resource_or_an_action_on_every_
 
 
 async def test_scopes_count_as_permissions_only_where_configured(plugway_gateway, upstream):
-    routes = """
-        [[routes]]
-        name = "scoped"
-        prefix = "/scoped"
-        upstream = "app"
-        [routes.plugins.rbac]
+    routes = route_table("scoped", rbac="""
         scopes_as_permissions = true
         rules = [{ path = "/scoped/tasks/**", require = ["tasks:read"] }]
-    """
+    """)
     rules = '[[plugins.rbac.rules]]\npath = "/api/tasks/**"\nrequire = ["tasks:read"]\n'
     gateway = await start(plugway_gateway, upstream, rules, routes)
     token = who("app", scopes="openid tasks:read")
@@ -161,20 +129,7 @@ async def test_scopes_count_as_permissions_only_where_configured(plugway_gateway
 
 
 async def test_a_request_no_rule_matches_is_denied_unless_default_is_allow(plugway_gateway, upstream):
-    routes = """
-        [[routes]]
-        name = "open"
-        prefix = "/open"
-        upstream = "app"
-        [routes.plugins.rbac]
-        default = "allow"
-        [[routes]]
-        name = "norules"
-        prefix = "/norules"
-        upstream = "app"
-        [routes.plugins.rbac]
-        rules = []
-    """
+    routes = route_table("open", rbac='default = "allow"') + route_table("norules", rbac="rules = []")
     gateway = await start(plugway_gateway, upstream, TASK_RULES, routes)
     admin = who("root", "admin")
     code, _, body = await answer(gateway, "PUT", "/api/tasks/1", admin)  # rules exist, none for PUT
@@ -258,14 +213,7 @@ TRICKS = ["/api/public/../admin", "/api/public/%2e%2e/admin/users", "/api/public
 
 
 async def test_path_tricks_cannot_reach_the_admin_only_route(plugway_gateway, upstream):
-    routes = """
-        [[routes]]
-        name = "admin"
-        prefix = "/api/admin"
-        upstream = "app"
-        [routes.plugins.rbac]
-        rules = [{ path = "/api/admin/**", roles = ["admin"] }]
-    """
+    routes = route_table("admin", "/api/admin", rbac='rules = [{ path = "/api/admin/**", roles = ["admin"] }]')
     rules = """
         [[plugins.rbac.rules]]
         path = "/api/public/**"
@@ -290,14 +238,7 @@ async def test_path_tricks_cannot_reach_the_admin_only_route(plugway_gateway, up
 
 
 async def test_route_rules_replace_the_global_ones_and_keep_the_global_roles(plugway_gateway, upstream):
-    routes = """
-        [[routes]]
-        name = "reports"
-        prefix = "/reports"
-        upstream = "app"
-        [routes.plugins.rbac]
-        rules = [{ path = "/reports/**", roles = ["lead"] }]
-    """
+    routes = route_table("reports", rbac='rules = [{ path = "/reports/**", roles = ["lead"] }]')
     gateway = await start(plugway_gateway, upstream, TASK_RULES, routes)
     assert await status(gateway, "GET", "/reports/q1", who("d", "developer")) == 403
     assert await status(gateway, "GET", "/reports/q1", who("l", "lead")) == 200
@@ -343,15 +284,7 @@ def problems(text: str) -> list[str]:
     return [str(error) for error in caught.value.errors]
 
 
-BASE = """
-    [[upstreams]]
-    name = "app"
-    targets = [{ url = "http://127.0.0.1:9" }]
-    [[routes]]
-    name = "api"
-    prefix = "/api"
-    upstream = "app"
-"""
+BASE = proxy_config("http://127.0.0.1:9")
 
 
 def test_roles_are_checked_at_parse_time():
@@ -412,18 +345,13 @@ def test_rules_are_checked_at_parse_time():
 
 
 def test_references_in_rules_are_checked_against_the_roles():
-    found = problems(BASE + """
+    other = route_table("other", rbac='rules = [{ path = "/other/**", require = ["taks:read"] }]')
+    found = problems(BASE + other + """
         [plugins.rbac.roles]
         viewer = { permissions = ["tasks:read"] }
         [[plugins.rbac.rules]]
         path = "/api/**"
         roles = ["ghost"]
-        [[routes]]
-        name = "other"
-        prefix = "/other"
-        upstream = "app"
-        [routes.plugins.rbac]
-        rules = [{ path = "/other/**", require = ["taks:read"] }]
     """)
     assert found == [
         "plugins.rbac.rules[0].roles[0]: unknown role 'ghost' (roles: viewer)",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.config.schema import ConfigErrors, parse_settings
+from gateway.testing import free_port, proxy_config, route_table
 from plugway_secheaders import SecHeadersSettings
 
 DEFAULTS = {
@@ -21,12 +21,6 @@ DEFAULTS = {
 SECURITY = (*DEFAULTS, "Strict-Transport-Security", "Permissions-Policy", "Cross-Origin-Opener-Policy")
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def start(plugway_gateway, aiohttp_raw_server, plugins: str, *, route: str = "",
                 upstream_headers: dict[str, str] | None = None):
     """Routes /api (as configured), /off (secheaders disabled) and /dead (nothing listens)."""
@@ -35,32 +29,9 @@ async def start(plugway_gateway, aiohttp_raw_server, plugins: str, *, route: str
         return web.Response(text="upstream", headers={"X-Powered-By": "PHP/8.3", **(upstream_headers or {})})
 
     upstream = await aiohttp_raw_server(handler)
-    return await plugway_gateway(f"""
-        [log]
-        access = false
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream.make_url('')}" }}]
-        [[upstreams]]
-        name = "dead"
-        targets = [{{ url = "http://127.0.0.1:{closed_port()}" }}]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        {route}
-        [[routes]]
-        name = "off"
-        prefix = "/off"
-        upstream = "app"
-        [routes.plugins.secheaders]
-        enabled = false
-        [[routes]]
-        name = "dead"
-        prefix = "/dead"
-        upstream = "dead"
-        {plugins}
-    """)
+    dead = f'[[upstreams]]\nname = "dead"\ntargets = [{{ url = "http://127.0.0.1:{free_port()}" }}]\n'
+    routes = dead + route_table("off", secheaders="enabled = false") + route_table("dead", upstream="dead")
+    return await plugway_gateway(proxy_config(upstream.make_url(""), route=route, routes=routes, plugins=plugins))
 
 
 def security_headers(response) -> dict[str, str]:
@@ -151,24 +122,15 @@ EXAMPLE_TLS = Path(__file__).resolve().parents[3] / "conf" / "examples" / "tls"
 
 async def test_hsts_goes_out_over_a_tls_listener_and_behind_a_trusted_tls_proxy(plugway_gateway, aiohttp_raw_server):
     upstream = await aiohttp_raw_server(lambda request: web.Response(text="upstream"))
-    rest = f"""
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream.make_url('')}" }}]
-        [[routes]]
-        name = "api"
-        prefix = "/api"
-        upstream = "app"
-        [plugins.secheaders]
-    """
+    url = upstream.make_url("")
     cert, key = EXAMPLE_TLS / "example-com.pem", EXAMPLE_TLS / "example-com.key"
-    tls = await plugway_gateway(
-        f'[server]\nlisten = [{{ address = "127.0.0.1:0", tls = {{ certificates = [{{ cert = "{cert}", key = "{key}" }}] }} }}]'
-        + rest)
+    listener = f'{{ address = "127.0.0.1:0", tls = {{ certificates = [{{ cert = "{cert}", key = "{key}" }}] }} }}'
+    tls = await plugway_gateway(proxy_config(url, server=f"listen = [{listener}]", plugins="[plugins.secheaders]"))
     async with tls.client.get("/api/x") as response:  # over TLS (the test client does not verify)
         assert response.url.scheme == "https"
         assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
-    proxied = await plugway_gateway('[server]\ntrusted_proxies = ["127.0.0.1/32"]' + rest)
+    proxied = await plugway_gateway(proxy_config(url, server='trusted_proxies = ["127.0.0.1/32"]',
+                                                 plugins="[plugins.secheaders]"))
     async with proxied.client.get("/api/x", headers={"X-Forwarded-Proto": "https"}) as response:
         assert response.headers["Strict-Transport-Security"] == "max-age=31536000"
     async with proxied.client.get("/api/x", headers={"X-Forwarded-Proto": "http"}) as response:
