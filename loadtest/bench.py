@@ -9,6 +9,8 @@ configuration started fresh, warmed up with wrk (discarded), measured with wrk, 
     d  the gateway, no plugins, N workers
     e  the gateway with the plugin tables of loadtest/plugins.toml (skipped while it has none)
     f  the gateway, no plugins, 1 worker: d/f is how the gateway scales with workers
+    g  the gateway of e, but wrk's route has every plugin turned off (`enabled = false`) and
+       they all run on another route: g/d is what a route pays for the plugins of other routes
 
 With --per-plugin, also (round-robin with d, after the configurations selected) the gateway with
 each [plugins.NAME] table of loadtest/plugins.toml alone, reported as a second table: each plugin's
@@ -54,7 +56,7 @@ LOADTEST = ROOT / "loadtest"
 # answers a cross-origin request instead of passing them by.
 PLUGIN_HEADERS = ("Accept-Encoding: gzip", "Origin: https://app.example.com")
 
-CONFIG_ORDER = "abcdef"
+CONFIG_ORDER = "abcdefg"
 CONNECTIONS = 64
 FOREIGN_WARN = 10.0  # % of a core used by processes not ours during a run: above it, warn
 
@@ -155,14 +157,22 @@ class Bench:
 
     # gateway --------------------------------------------------------------------------------
 
-    def gateway_config(self, port: int, admin_port: int, with_plugins: bool, workers: int) -> str:
+    def gateway_config(self, port: int, admin_port: int, with_plugins: bool, workers: int,
+                       elsewhere: bool = False) -> str:
+        """d's configuration; with_plugins: e's (plugins.toml appended); elsewhere: g's (the same
+        plugins, turned off on wrk's route "all" and on for a second route)."""
         extra = "\n# from loadtest/plugins.toml\n" + (LOADTEST / "plugins.toml").read_text() if with_plugins else ""
+        if elsewhere:
+            off = "".join(f"[routes.plugins.{name}]\nenabled = false\n" for name in self.plugin_tables)
+            extra = off + '[[routes]]\nname = "plugins"\nprefix = "/with-plugins"\nupstream = "up"\n' + extra
         return gateway_toml(port, admin_port, self.upstream_port, f"{self.dir}/run-{port}", workers=workers,
                             upstream="up", extra=extra)
 
-    def start_gateway(self, port: int, with_plugins: bool, workers: int, tag: str) -> tuple[subprocess.Popen, float]:
+    def start_gateway(self, port: int, with_plugins: bool, workers: int, tag: str,
+                      elsewhere: bool = False) -> tuple[subprocess.Popen, float]:
         admin_port = free_port()
-        return self.launch_gateway(self.gateway_config(port, admin_port, with_plugins, workers), admin_port, tag)
+        text = self.gateway_config(port, admin_port, with_plugins, workers, elsewhere)
+        return self.launch_gateway(text, admin_port, tag)
 
     def start_variant(self, config: Config, port: int, tag: str) -> tuple[subprocess.Popen, float]:
         """The gateway of d with config.toml appended to its configuration, in config.env."""
@@ -196,8 +206,9 @@ class Bench:
             logfile = self.dir / f"aiohttp-{tag}.log"
             proc = spawn([str(VENV_BIN / "python"), str(LOADTEST / "aiohttp_proxy.py"), str(port),
                           f"http://{HOST}:{self.upstream_port}", "--workers", workers], logfile)
-        elif key in "def":
-            proc, ready = self.start_gateway(port, key == "e", 1 if key == "f" else self.args.workers, tag)
+        elif key in "defg":
+            proc, ready = self.start_gateway(port, key in "eg", 1 if key == "f" else self.args.workers, tag,
+                                             elsewhere=key == "g")
             return proc, self.dir / f"gateway-{tag}.log", ready
         else:
             raise ValueError(key)
@@ -384,7 +395,8 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
     ratio_rows = []
     for title, top, bottom in (("gateway / nginx proxy", "d", "b"), ("gateway / naive aiohttp proxy", "d", "c"),
                                ("gateway with plugins / without", "e", "d"),
-                               (f"gateway, {args.workers} workers / 1 worker", "d", "f")):
+                               (f"gateway, {args.workers} workers / 1 worker", "d", "f"),
+                               ("route without plugins beside plugin routes / no plugins at all", "g", "d")):
         values = ratios(configs, top, bottom)
         if values:
             text = ratio_text(values)
@@ -403,7 +415,7 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
         "run by processes this run did not start (% of one core, the largest run; above "
         f"{FOREIGN_WARN:.0f}% the machine was busy and the numbers are unreliable); errors: summed over rounds.",
         "Ratios are of req/s, computed per round and reported as the median (min–max) of the per-round ratios.",
-        f"Upstream: nginx, 1 worker, fixed 100-byte JSON body. Workers for c, d, e: {args.workers}; f: 1.",
+        f"Upstream: nginx, 1 worker, fixed 100-byte JSON body. Workers for c, d, e, g: {args.workers}; f: 1.",
     ]
     starts = [f"{c.key} {max(c.start_s):.1f}" for c in configs.values() if c.start_s and c.key != "a"]
     if starts:
@@ -535,6 +547,7 @@ LABELS = {
     "d": "gateway, no plugins, {w} workers",
     "e": "gateway, bundled plugins, {w} workers",
     "f": "gateway, no plugins, 1 worker",
+    "g": "gateway, plugins on another route only, {w} workers",
 }
 
 
@@ -593,20 +606,22 @@ def main(argv: list[str]) -> int:
 
 def run(args: argparse.Namespace, header: dict[str, str], workdir: Path) -> str:
     bench = Bench(args, workdir)
-    configs = {key: Config(key, LABELS[key].format(w=args.workers), headers=PLUGIN_HEADERS if key == "e" else ())
+    configs = {key: Config(key, LABELS[key].format(w=args.workers), headers=PLUGIN_HEADERS if key in "eg" else ())
                for key in args.only}
     bundled = bundled_plugins()
-    if "e" in configs and not bench.plugin_tables:
-        configs["e"].skipped = ("no bundled plugin exists yet" if not bundled else
-                                "loadtest/plugins.toml has no [plugins.*] table")
-        log(f"config e skipped: {configs['e'].skipped}"
-            + (f" (plugins/ has: {', '.join(bundled)})" if bundled else ""))
-    elif "e" in configs:
-        header["plugins (e)"] = ", ".join(bench.plugin_tables)
+    with_plugins = [key for key in "eg" if key in configs]
+    if with_plugins and not bench.plugin_tables:
+        for key in with_plugins:
+            configs[key].skipped = ("no bundled plugin exists yet" if not bundled else
+                                    "loadtest/plugins.toml has no [plugins.*] table")
+            log(f"config {key} skipped: {configs[key].skipped}"
+                + (f" (plugins/ has: {', '.join(bundled)})" if bundled else ""))
+    elif with_plugins:
+        header["plugins (e, g)"] = ", ".join(bench.plugin_tables)
         missing = [name for name in bundled if name not in bench.plugin_tables]
         if missing:
             log(f"note: bundled plugins not in loadtest/plugins.toml: {', '.join(missing)}")
-            header["plugins (e)"] += f" (not enabled: {', '.join(missing)})"
+            header["plugins (e, g)"] += f" (not enabled: {', '.join(missing)})"
     plugins = plugin_configs(bench.plugin_tables) if args.per_plugin else None
     if plugins is not None:
         header["per-plugin"] = ", ".join(plugins) or "none"
