@@ -33,6 +33,9 @@ class RequestContext:
     - ``method``, ``host`` (lower-case, no port), ``path`` (canonical, see
       ``gateway.paths``), ``query`` (raw, without ``?``), ``path_params``.
     - ``route``: the matched ``Route``; ``upstream`` and ``target`` once chosen.
+    - ``failed_tries``: the tries the core retried on another target, in order, as
+      ``(target URL, error code or status)`` pairs, e.g. ``("http://10.0.0.2:80",
+      "upstream_unreachable")`` or ``(..., "503")``; ``target`` is the last try's.
     - ``client_ip``: the client address, derived through ``trusted_proxies``;
       ``peer_ip``: the address of the socket peer.
     - ``scheme``: "https" or "http" as the client used it: the listener's, or what a
@@ -54,7 +57,7 @@ class RequestContext:
     __slots__ = (
         "request", "gateway", "method", "host", "path", "query", "path_params", "route", "upstream", "target",
         "client_ip", "peer_ip", "peer_trusted", "scheme", "listener_scheme", "request_id", "consumer", "version", "state",
-        "log", "started", "method_refusal", "avoid_targets",
+        "log", "started", "method_refusal", "avoid_targets", "failed_tries",
         "status", "bytes_in", "bytes_out", "upstream_seconds", "error",
     )
 
@@ -70,6 +73,7 @@ class RequestContext:
         self.route: Route | None = None
         self.upstream: Upstream | None = None
         self.target: Target | None = None
+        self.failed_tries: tuple[tuple[str, str], ...] = ()
         self.client_ip = ""
         self.peer_ip = ""
         self.peer_trusted = False

@@ -106,6 +106,7 @@ async def _tries(ctx: RequestContext, outgoing: OutgoingRequest, upstream: Upstr
             if attempt + 1 < tries and _retryable(error, retries.on) and (
                     _never_reached(error) or upstream.budget.withdraw()):
                 ctx.gateway.metrics.upstream_retried(upstream.name, error.code)
+                ctx.failed_tries += ((target.url, error.code),)
                 tried |= {target}
                 await asyncio.sleep(_backoff(retries, attempt))
                 continue
@@ -117,6 +118,7 @@ async def _tries(ctx: RequestContext, outgoing: OutgoingRequest, upstream: Upstr
         upstream.record(target, ok=status < 500)
         if str(status) in retries.on and attempt + 1 < tries and upstream.budget.withdraw():
             ctx.gateway.metrics.upstream_retried(upstream.name, str(status))
+            ctx.failed_tries += ((target.url, str(status)),)
             exchange.release()
             target.in_flight -= 1
             tried |= {target}

@@ -208,6 +208,33 @@ async def test_idempotent_requests_survive_a_dead_target_and_it_gets_ejected(plu
     assert next(t for t in view if t["url"] == dead)["ejections"] == 1
 
 
+class RecordTries:
+    """Keeps, for each request, the tries the core retried elsewhere and the target that answered."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[tuple[tuple[str, str], ...], str]] = []
+
+    @hookimpl
+    def declare_plugin(self):
+        return PluginDeclaration()
+
+    @hookimpl
+    def after_response(self, ctx):
+        self.seen.append((ctx.failed_tries, ctx.target.url))
+
+
+async def test_plugins_see_the_tries_that_were_retried_elsewhere(plugway_gateway, raw_upstream):
+    dead = f"http://127.0.0.1:{free_port()}"
+    alive = await raw_upstream(lambda request: http_response())
+    recorder = RecordTries()
+    gateway = await plugway_gateway(
+        config([dead, alive.url], upstream="outlier_detection = { consecutive_failures = 0 }") + "\n[plugins.tries]\n",
+        plugins={"tries": recorder})
+    assert await statuses(gateway, 4) == [200] * 4
+    retried = (((dead, "upstream_unreachable"),), alive.url)
+    assert sorted(recorder.seen) == sorted([((), alive.url), retried] * 2)  # round robin: every other first try
+
+
 async def test_a_post_is_not_retried(plugway_gateway, raw_upstream):
     dead = f"http://127.0.0.1:{free_port()}"
     alive = await raw_upstream(lambda request: http_response())

@@ -507,22 +507,46 @@ def after_response(ctx, settings):
 
 def _outcome(ctx, attempt: Attempt, failed: bool, *, neutral: bool = False) -> None:
     attempt.done = True
-    if attempt.breaker is None:  # per target: the target is known now
-        target = ctx.target
-        url = target.url if target is not None and ctx.upstream is attempt.guard.upstream else None
-        for probed, (breaker, ticket) in (attempt.probes or {}).items():
-            if probed == url:
-                attempt.breaker, attempt.ticket = breaker, ticket
-            else:
-                breaker.release(ticket)  # the balancer sent the request elsewhere
-        if url is None or neutral and attempt.breaker is None:
+    if attempt.breaker is None:  # per target: the targets are known now
+        _record_failed_tries(ctx, attempt)
+        if not _take_final_target(ctx, attempt, neutral):
             return
-        if attempt.breaker is None:
-            attempt.breaker = attempt.guard.target_breaker(url)
-            attempt.ticket = attempt.breaker.ticket_at(time.time())
-            if attempt.ticket is None:
-                return
     if neutral or ctx.upstream is not attempt.guard.upstream:  # redirected by another plugin: not ours to judge
         attempt.breaker.release(attempt.ticket)
         return
     attempt.breaker.record(attempt.ticket, failed, time.time())
+
+
+def _record_failed_tries(ctx, attempt: Attempt) -> None:
+    """Per target: a try the core retried on another target failed there; count it for that
+    target (a probe it held included), although the client got the last try's answer."""
+    if not ctx.failed_tries or ctx.upstream is not attempt.guard.upstream:
+        return
+    settings, now = attempt.guard.settings, time.time()
+    for url, code in ctx.failed_tries:
+        if code not in settings.failure_errors and not (code.isdigit() and int(code) in settings.failure_statuses):
+            continue
+        breaker, ticket = (attempt.probes or {}).pop(url, (None, None))
+        if breaker is None:
+            breaker = attempt.guard.target_breaker(url)
+            ticket = breaker.ticket_at(now)
+        if ticket is not None:
+            breaker.record(ticket, True, now)
+
+
+def _take_final_target(ctx, attempt: Attempt, neutral: bool) -> bool:
+    """Per target: the breaker and ticket of the target that gave the last answer (its probe
+    ticket if it held one; the others are handed back); False when there is nothing to judge."""
+    target = ctx.target
+    url = target.url if target is not None and ctx.upstream is attempt.guard.upstream else None
+    for probed, (breaker, ticket) in (attempt.probes or {}).items():
+        if probed == url:
+            attempt.breaker, attempt.ticket = breaker, ticket
+        else:
+            breaker.release(ticket)  # the balancer sent the request elsewhere
+    if url is None or neutral and attempt.breaker is None:
+        return False
+    if attempt.breaker is None:
+        attempt.breaker = attempt.guard.target_breaker(url)
+        attempt.ticket = attempt.breaker.ticket_at(time.time())
+    return attempt.ticket is not None

@@ -244,6 +244,27 @@ async def test_a_half_open_target_gets_exactly_its_probes_and_closes(plugway_gat
     assert bad.hits - hits == 2  # back in the rotation
 
 
+def retried(gateway) -> float:
+    return gateway.metric("plugway_upstream_retries_total", upstream="app", reason="upstream_unreachable")
+
+
+async def test_failures_the_core_retried_on_another_target_open_that_target(plugway_gateway, raw_upstream,
+                                                                            breaker_config):
+    good, bad = await raw_upstream("ok"), await raw_upstream("ok")
+    await bad.set_mode("refuse")
+    gateway = await plugway_gateway(breaker_config([good.url, bad.url], FAST + "\nper_target = true"))
+    assert await statuses(gateway, 6) == [200] * 6  # each refused try was retried on the good target
+    assert retried(gateway) == 3
+    assert target_state(gateway, bad) == 1
+    assert await statuses(gateway, 6) == [200] * 6
+    assert retried(gateway) == 3  # the open target is not tried any more
+    await wait_for(lambda: target_state(gateway, bad) == 2)
+    await statuses(gateway, 2)  # one of them probes the target, which still refuses: open again
+    assert retried(gateway) == 4
+    assert target_state(gateway, bad) == 1
+    assert (await upstream_view(gateway))["breaker"]["targets"][bad.url]["failed_probe_rounds"] == 1
+
+
 async def test_per_target_breakers_refuse_when_every_target_is_open(plugway_gateway, raw_upstream, breaker_config):
     first, second = await raw_upstream("error"), await raw_upstream("error")
     gateway = await plugway_gateway(breaker_config([first.url, second.url],
