@@ -51,7 +51,8 @@ class RequestContext:
     - ``log``: extra fields for the access log line (writable).
 
     ``body_chunks()`` and ``read_body()`` read the client's body within the gateway's
-    size and time limits (see ``gateway.proxy.body_chunks``).
+    size and time limits (see ``gateway.proxy.body_chunks``). ``upstream_request()`` sends a
+    request of the plugin's own to the route's upstream (see ``gateway.pipeline.upstream_request``).
     """
 
     __slots__ = (
@@ -101,3 +102,22 @@ class RequestContext:
         from .proxy import read_body
 
         return await read_body(self, limit)
+
+    def upstream_request(self, method: str = "GET", **changes: Any):
+        from .pipeline import upstream_request
+
+        return upstream_request(self, method, **changes)
+
+    def subrequest(self, method: str) -> RequestContext:
+        """A context for a request of a plugin's own on behalf of this one: the same client,
+        route, path, identity and version, a copy of ``state``, nothing sent yet."""
+        sub = RequestContext(self.request, self.gateway, self.started)
+        for name in _SHARED_WITH_SUBREQUESTS:
+            setattr(sub, name, getattr(self, name))
+        sub.method = method
+        sub.state = dict(self.state)
+        return sub
+
+
+_SHARED_WITH_SUBREQUESTS = ("host", "path", "query", "path_params", "route", "client_ip", "peer_ip", "peer_trusted",
+                            "scheme", "listener_scheme", "request_id", "consumer", "version", "avoid_targets")

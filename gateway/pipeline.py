@@ -8,7 +8,9 @@ plugins further out in the chain (CORS, security headers) still see it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from . import proxy
@@ -67,6 +69,43 @@ def outgoing_request(ctx: RequestContext) -> OutgoingRequest:
     )
     headers.append((gateway.request_id_header, ctx.request_id.encode()))
     return OutgoingRequest(ctx.method, ctx.route.upstream_path(ctx.path), ctx.query, headers)
+
+
+@contextlib.asynccontextmanager
+async def upstream_request(
+    ctx: RequestContext, method: str = "GET", *, set_headers: Mapping[str, str] | None = None,
+    remove_headers: Iterable[str] = (), hide_state: Iterable[str] = (),
+) -> AsyncIterator[UpstreamResponse | None]:
+    """``async with ctx.upstream_request(...) as response``: a request of a plugin's own (a cache
+    revalidating, say) for ``ctx``'s path and query, with ``method`` and the client's headers as
+    the core forwards them, minus ``remove_headers``, plus ``set_headers``; no body. It goes
+    through the route's ``before_upstream`` hooks as the client's request would (``hide_state``:
+    keys of ``ctx.state`` those hooks do not see in the copy, e.g. the caller's own) and through
+    the data path (balancing, retries, timeouts) to the upstream they chose. ``response`` is the
+    ``UpstreamResponse`` (read it with ``read(limit)``), or None when a hook answered instead;
+    the upstream connection is released when the block ends. Raises ``GatewayError`` when the
+    upstream fails."""
+    sub = ctx.subrequest(method)
+    for key in hide_state:
+        sub.state.pop(key, None)
+    outgoing = outgoing_request(sub)
+    for name in remove_headers:
+        outgoing.headers.popall(name, None)
+    for name, value in (set_headers or {}).items():
+        outgoing.headers[name] = value
+    if ctx.request.body_exists:
+        outgoing.set_body(b"")  # the client's body stays the client's request's
+    for step in sub.route.chain.before_upstream:
+        if await _settle(step(sub, outgoing)) is not None:
+            yield None
+            return
+    upstream = sub.gateway.upstream(outgoing.upstream_name) if outgoing.upstream_name else sub.route.upstream
+    sub.upstream = upstream
+    response = await proxy.send(sub, outgoing, upstream)
+    try:
+        yield response
+    finally:
+        proxy.finish(sub, response)
 
 
 def error_response(ctx: RequestContext, error: GatewayError) -> Response:

@@ -392,3 +392,62 @@ def test_plugins_add_subcommands_to_plugway():
     result = subprocess.run([PLUGWAY, "sample-hello", "ops"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout == "hello, ops\n"
     assert "sample-hello" not in subprocess.run([PLUGWAY, "--help"], capture_output=True, text=True).stdout
+
+
+class Peek:
+    """Answers each request itself with what a request of its own to the upstream got."""
+
+    @hookimpl
+    def declare_plugin(self):
+        return PluginDeclaration(priority=500)
+
+    @hookimpl
+    async def on_request(self, ctx):
+        async with ctx.upstream_request("GET", set_headers={"X-Peek": "1"}, remove_headers=("X-Secret",),
+                                        hide_state=("hidden",)) as response:
+            if response is None:
+                return Response(200, b"answered by a hook")
+            return Response(200, b"peeked: " + await response.read(1000))
+
+
+class Tag:
+    """before_upstream: marks what it sees; answers itself when the request asks it to."""
+
+    @hookimpl
+    def declare_plugin(self):
+        return PluginDeclaration(priority=100)
+
+    @hookimpl
+    def on_request(self, ctx):
+        ctx.state["hidden"] = True
+
+    @hookimpl
+    def before_upstream(self, ctx, outgoing):
+        outgoing.headers["X-Hidden-Seen"] = str("hidden" in ctx.state)
+        if ctx.request.headers.get("X-Answer") == "hook":
+            return Response(418, b"no")
+        return None
+
+
+async def test_a_plugin_sends_a_request_of_its_own_through_the_route(plugway_gateway, aiohttp_raw_server):
+    from aiohttp import web
+
+    seen = []
+
+    async def handler(request):
+        seen.append((request.method, request.path, dict(request.headers), await request.read()))
+        return web.Response(body=b"upstream body")
+
+    url = str((await aiohttp_raw_server(handler)).make_url("")).rstrip("/")
+    gateway = await plugway_gateway(route_config(url, extra="[plugins.peek]\n[plugins.tag]\n"),
+                                    plugins={"peek": Peek(), "tag": Tag()})
+    async with gateway.client.post("/api/items?x=1", data=b"the client's body", headers={"X-Secret": "s"}) as response:
+        assert (response.status, await response.read()) == (200, b"peeked: upstream body")
+    [(method, path, headers, body)] = seen
+    assert (method, path, body) == ("GET", "/items", b"")  # the client's body stays with the client's request
+    assert headers["X-Peek"] == "1" and "X-Secret" not in headers
+    assert headers["X-Hidden-Seen"] == "False"  # before_upstream ran, without the hidden state
+    assert headers["X-Request-ID"] == response.headers["X-Request-ID"]
+    async with gateway.client.get("/api/items", headers={"X-Answer": "hook"}) as response:
+        assert await response.read() == b"answered by a hook"
+    assert len(seen) == 1
