@@ -96,6 +96,13 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def _foreign_text(percent: float) -> str:
+    if percent < 0:  # the machine's busy time (/proc/stat) came out below our processes' own
+        return f"none measurable ({percent:.0f} % of one core: the two counters disagree)."
+    busy = " (the machine was busy: latencies are pessimistic)" if percent > 10 else ""
+    return f"{percent:.0f} % of one core{busy}."
+
+
 def busy_ticks() -> int:
     """CPU time the whole machine spent busy so far, in clock ticks (/proc/stat)."""
     with open("/proc/stat") as stat:
@@ -264,8 +271,7 @@ def report(args: argparse.Namespace, result: dict) -> str:
         f"had {max(left_open, 0):.2f} s left, plus one probe.",
         f"- Transitions counted (`plugway_breaker_transitions_total`, summed over workers): {transitions}.",
         f"- k6 (exit status {result['k6_status']}): {result['k6_line']}",
-        f"- CPU used by other processes during the run: {result['foreign']:.0f} % of one core"
-        + (" (the machine was busy: latencies are pessimistic)." if result["foreign"] > 10 else "."),
+        f"- CPU used by other processes during the run: {_foreign_text(result['foreign'])}",
     ]
     return "\n".join(lines) + "\n"
 
