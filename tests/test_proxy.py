@@ -580,7 +580,7 @@ async def test_admin_endpoints(plugway_gateway, aiohttp_raw_server):
 
 
 @pytest.fixture
-def test_ca(tmp_path) -> CertificateAuthority:
+def upstream_ca(tmp_path) -> CertificateAuthority:
     return CertificateAuthority(tmp_path)
 
 
@@ -592,13 +592,13 @@ def other_ca(tmp_path) -> CertificateAuthority:
 
 
 @pytest.fixture
-async def https_upstream(test_ca):
+async def https_upstream(upstream_ca):
     """Factory: ``await https_upstream(*dns_names)`` -> a ``TlsRawUpstream`` answering "secure",
-    with a certificate for those names signed by ``test_ca``."""
+    with a certificate for those names signed by ``upstream_ca``."""
     started = []
 
     async def start(*names: str) -> TlsRawUpstream:
-        cert, key, _ = test_ca.issue(f"upstream-{len(started)}", *names)
+        cert, key, _ = upstream_ca.issue(f"upstream-{len(started)}", *names)
         upstream = await TlsRawUpstream(lambda request: http_response(body=b"secure"), cert, key).start()
         started.append(upstream)
         return upstream
@@ -612,9 +612,9 @@ def verified_by(ca_path, upstream_url: str, settings: str = "") -> str:
     return route_config(upstream_url, upstream=f'tls_ca_file = "{ca_path}"\n{settings}')
 
 
-async def test_an_https_target_is_verified_and_sent_its_name_by_sni(plugway_gateway, https_upstream, test_ca):
+async def test_an_https_target_is_verified_and_sent_its_name_by_sni(plugway_gateway, https_upstream, upstream_ca):
     upstream = await https_upstream("localhost")
-    gateway = await plugway_gateway(verified_by(test_ca.ca_file, upstream.url))
+    gateway = await plugway_gateway(verified_by(upstream_ca.ca_file, upstream.url))
     for _ in range(3):
         async with gateway.client.get("/api/x") as response:
             assert response.status == 200 and await response.read() == b"secure"
@@ -623,11 +623,11 @@ async def test_an_https_target_is_verified_and_sent_its_name_by_sni(plugway_gate
 
 
 async def test_an_https_target_that_fails_verification_is_a_502(
-    plugway_gateway, https_upstream, test_ca, other_ca, caplog,
+    plugway_gateway, https_upstream, upstream_ca, other_ca, caplog,
 ):
     right_name = await https_upstream("localhost")
     wrong_name = await https_upstream("elsewhere.example")
-    for ca, upstream in ((other_ca, right_name), (test_ca, wrong_name)):
+    for ca, upstream in ((other_ca, right_name), (upstream_ca, wrong_name)):
         gateway = await plugway_gateway(verified_by(ca.ca_file, upstream.url))
         async with gateway.client.get("/api/x") as response:
             assert response.status == 502

@@ -4,6 +4,7 @@ Redis with passwords, TLS and Sentinel; the store process restarted by a real su
 import asyncio
 import multiprocessing
 import os
+import stat
 import signal
 import subprocess
 
@@ -115,6 +116,15 @@ async def test_sliding_window_counts_within_the_limit(store):
     limit = Limit("rl:{w}", "sliding_window", 3, 3600)
     results = [(await store.take([limit]))[0].allowed for _ in range(5)]
     assert results == [True, True, True, False, False]
+
+
+async def test_the_local_store_socket_appears_listening_and_private(local_store_path):
+    """The fixture waited only for the path to exist: a store that showed the path before it
+    listened would refuse this first call."""
+    assert stat.S_IMODE(os.stat(local_store_path).st_mode) == 0o600
+    store = LocalStore(local_store_path, 5.0)
+    assert await store.incr("first") == 1
+    await store.close()
 
 
 async def test_an_unreachable_store_raises_store_unavailable(tmp_path):

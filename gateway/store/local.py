@@ -53,8 +53,12 @@ class StoreServer:
         if os.path.exists(self.path):
             os.unlink(self.path)
         loop = asyncio.get_running_loop()
-        server = await loop.create_unix_server(lambda: _ServerConnection(self.operations), self.path)
-        os.chmod(self.path, 0o600)
+        # Listening under a staging name, then renamed: the path appears only once connections
+        # are accepted (whoever waits for it may connect at once), and only with mode 0600.
+        staging = f"{self.path}.{os.getpid()}"
+        os.umask(0o177)
+        server = await loop.create_unix_server(lambda: _ServerConnection(self.operations), staging)
+        os.replace(staging, self.path)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(signum, stop.set)
