@@ -83,6 +83,7 @@ class RunningGateway:
 
     def metric(self, name: str, **labels: str) -> float:
         """The current value of one metric sample (0.0 if it was never set), for assertions."""
+        self.gateway.metrics.flush()
         value = self.gateway.metrics.registry.get_sample_value(name, labels)
         return 0.0 if value is None else value
 

@@ -305,6 +305,7 @@ class Worker:
             gateway.spawn(self._heartbeat(gateway))
         await self._stop.wait()
         await self._drain(gateway, servers)
+        gateway.metrics.flush()  # what the last second's requests added, before the process goes
         if admin is not None:
             await admin.cleanup()
         await gateway.stop_plugins()
@@ -322,6 +323,7 @@ class Worker:
                 log.error("the supervisor is gone: stopping")
                 self.stop()
                 return
+            gateway.metrics.flush()
             gateway.metrics.in_flight.set(gateway.in_flight)
             rss = _rss_bytes()
             self._channel.send("beat", requests=gateway.requests_served, rss=rss)
@@ -365,6 +367,7 @@ class Worker:
         return serving, handler
 
     async def _drain(self, gateway: Gateway, servers: list[tuple[asyncio.Server, ListenerServer]]) -> None:
+        gateway.metrics.flush()  # what was served before the stop: in every scrape from now on
         gateway.draining = True
         gateway.ready = False
         loop = gateway.loop

@@ -205,12 +205,39 @@ async def test_metrics_are_summed_over_workers_and_include_the_supervisor(plugwa
         await get(gateway.port, "/api/x")
     assert gateway.cli("reload").returncode == 0
     gateway.wait_for_workers(2, generation=2)
-    status, text = await get(gateway.admin_port, "/metrics")
-    assert status == 200
-    assert 'plugway_requests_total{method="GET",route="api",status_class="2xx"} 40.0' in text  # dead workers count
+    text = await scraped_requests(gateway, 40)  # the workers that left count
     assert "plugway_workers_alive 2.0" in text
     assert 'plugway_reloads_total{result="success"} 1.0' in text
     assert "plugway_config_generation 2.0" in text
+
+
+REQUESTS_LINE = 'plugway_requests_total{method="GET",route="api",status_class="2xx"} '
+
+
+async def scraped_requests(gateway, count: int) -> str:
+    """The /metrics text once it counts ``count`` requests (workers write theirs within a second);
+    fails if it ever counts more, or not that many within 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        status, text = await get(gateway.admin_port, "/metrics")
+        assert status == 200
+        seen = next((float(line.removeprefix(REQUESTS_LINE)) for line in text.splitlines()
+                     if line.startswith(REQUESTS_LINE)), 0.0)
+        assert seen <= count
+        if seen == count:
+            return text
+        assert time.monotonic() < deadline, f"{seen:g} of {count} requests in /metrics after 10 s"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_scrape_counts_the_requests_of_every_worker(plugway_process, upstream_url):
+    gateway = plugway_process(route_config(upstream_url, server="workers = 2"))
+    gateway.wait_for_workers(2)
+    for _ in range(20):
+        await get(gateway.port, "/api/x")  # a connection each: both workers serve some
+    started = time.monotonic()
+    await scraped_requests(gateway, 20)
+    print(f"all 20 requests in /metrics {time.monotonic() - started:.2f} s after the last one")
 
 
 async def test_admin_status_and_reload_with_a_bearer_token(plugway_process, upstream_url):

@@ -1,0 +1,37 @@
+"""The per-request metrics, added up in the worker and flushed, read as if each had been
+written at once."""
+
+from prometheus_client import Counter, Histogram
+
+from gateway.metrics import LATENCY_BUCKETS, GatewayMetrics
+
+DURATIONS = [0.0, 0.001, 0.0011, 0.3, 5.0, 31.0, 0.0004]  # on bounds, between them, past the last
+
+
+def samples(metrics: GatewayMetrics) -> dict:
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in metrics.registry.collect() for sample in family.samples
+            if not sample.name.endswith("_created")}
+
+
+def test_flushed_metrics_equal_the_same_metrics_written_one_by_one():
+    batched = GatewayMetrics()
+    for seconds in DURATIONS:
+        batched.request_done("api", "GET", 200, seconds)
+        batched.upstream_answered("app", seconds)
+    batched.request_done("ws", "GET", 101, 60.0)  # counted, but no duration
+    assert not any(name == "plugway_requests_total" for name, _ in samples(batched))  # not flushed yet
+    batched.flush()
+    batched.flush()  # nothing twice
+
+    direct = GatewayMetrics()
+    requests: Counter = direct.requests
+    request_seconds: Histogram = direct.request_seconds
+    for seconds in DURATIONS:
+        requests.labels("api", "GET", "2xx").inc()
+        request_seconds.labels("api").observe(seconds)
+        direct.upstream_seconds.labels("app").observe(seconds)
+    requests.labels("ws", "GET", "1xx").inc()
+    assert samples(batched) == samples(direct)
+    assert len(LATENCY_BUCKETS) + 1 == sum(1 for name, labels in samples(direct)
+                                           if name == "plugway_request_duration_seconds_bucket")
