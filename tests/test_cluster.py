@@ -236,8 +236,9 @@ async def test_a_scrape_counts_the_requests_of_every_worker(plugway_process, ups
     for _ in range(20):
         await get(gateway.port, "/api/x")  # a connection each: both workers serve some
     started = time.monotonic()
-    await scraped_requests(gateway, 20)
+    text = await scraped_requests(gateway, 20)
     print(f"all 20 requests in /metrics {time.monotonic() - started:.2f} s after the last one")
+    assert REQUESTS_LINE + "20.0" in text.splitlines()
 
 
 async def test_admin_status_and_reload_with_a_bearer_token(plugway_process, upstream_url):
