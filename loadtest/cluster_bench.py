@@ -50,8 +50,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from harness import (
     aiohttp_version, command_output, gateway_commit,
@@ -68,6 +70,7 @@ POLL_SECONDS = 0.025  # /status polling interval
 STATUS_TIMEOUT = 30.0  # a reload or a replacement must be done within this
 ROUTE_CHECKS = 8  # GETs of the new route (each on a new connection) after each reload
 BUCKET_SECONDS = 0.1
+T = TypeVar("T")
 RECOVERED_SHARE = 0.9  # "recovered": a 100 ms bucket with >= 90% of the target completions
 KILL_WINDOW_SECONDS = 2.0  # failures this long after a kill are counted against it
 RECOVERY_LIMIT_SECONDS = 1.0
@@ -412,27 +415,38 @@ def final_config_check(gateway: Gateway, generation: int) -> dict:
     }
 
 
-def run_reload(args: argparse.Namespace, workdir: Path, upstream_port: int) -> Scenario:
-    gateway = Gateway(workdir, upstream_port, args.workers, "reload")
-    seconds = args.reload_seconds
-    k6 = K6Run(workdir, "reload", gateway.base_url, args.rate, seconds)
-    spacing = (seconds - LEAD_SECONDS - TAIL_SECONDS) / args.reloads
-    log(f"reload: {args.reloads} HUPs, one every {spacing:.1f}s at the most, under {args.rate} req/s for {seconds:g}s")
+def under_load(gateway: Gateway, k6: K6Run, steps: Callable[[], T]) -> tuple[T, K6Result, float]:
+    """Start the gateway and k6, run steps() while k6 sends, stop both; returns what steps()
+    returned, k6's result and the CPU other processes used meanwhile (% of one core)."""
     try:
         gateway.start()
         machine_before, started = all_ticks(), time.monotonic()
         k6.start()
-        reloads = []
-        for number in range(args.reloads):
-            k6.sleep_until(LEAD_SECONDS + number * spacing)
-            reloads.append(reload_once(gateway, number + 2))
-        final = final_config_check(gateway, args.reloads + 1)
+        outcome = steps()
         result = k6.finish()
         foreign = foreign_cpu(machine_before, time.monotonic() - started)
     finally:
         k6.stop()
         gateway.stop()
     log(f"  {result.line}")
+    return outcome, result, foreign
+
+
+def run_reload(args: argparse.Namespace, workdir: Path, upstream_port: int) -> Scenario:
+    gateway = Gateway(workdir, upstream_port, args.workers, "reload")
+    seconds = args.reload_seconds
+    k6 = K6Run(workdir, "reload", gateway.base_url, args.rate, seconds)
+    spacing = (seconds - LEAD_SECONDS - TAIL_SECONDS) / args.reloads
+    log(f"reload: {args.reloads} HUPs, one every {spacing:.1f}s at the most, under {args.rate} req/s for {seconds:g}s")
+
+    def reload_all() -> tuple[list[Reload], dict]:
+        reloads = []
+        for number in range(args.reloads):
+            k6.sleep_until(LEAD_SECONDS + number * spacing)
+            reloads.append(reload_once(gateway, number + 2))
+        return reloads, final_config_check(gateway, args.reloads + 1)
+
+    (reloads, final), result, foreign = under_load(gateway, k6, reload_all)
     return Scenario("reload", result, seconds, foreign, reloads=reloads, final=final)
 
 
@@ -453,20 +467,15 @@ def run_kill(args: argparse.Namespace, workdir: Path, upstream_port: int) -> Sce
     seconds = LEAD_SECONDS + args.kills * args.kill_spacing
     k6 = K6Run(workdir, "kill", gateway.base_url, args.rate, seconds)
     log(f"kill: {args.kills} kill -9, {args.kill_spacing:g}s apart, under {args.rate} req/s for {seconds:g}s")
-    try:
-        gateway.start()
-        machine_before, started = all_ticks(), time.monotonic()
-        k6.start()
+
+    def kill_all() -> list[Kill]:
         kills = []
         for number in range(args.kills):
             k6.sleep_until(LEAD_SECONDS + number * args.kill_spacing)
             kills.append(kill_once(gateway, number % args.workers))
-        result = k6.finish()
-        foreign = foreign_cpu(machine_before, time.monotonic() - started)
-    finally:
-        k6.stop()
-        gateway.stop()
-    log(f"  {result.line}")
+        return kills
+
+    kills, result, foreign = under_load(gateway, k6, kill_all)
     return Scenario("kill", result, seconds, foreign, kills=kills)
 
 
