@@ -654,6 +654,7 @@ class Supervisor:
     def status(self, now: float) -> dict[str, Any]:
         return {
             "supervisor_pid": os.getpid(),
+            "store_pid": self.store_pid,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "generation": self.generation,
             "config_path": self.config_path,

@@ -34,7 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from harness import ROOT, VENV_BIN, free_port, gateway_toml
+from harness import ROOT, VENV_BIN, free_port, gateway_toml, rss_kib
 
 READ_TIMEOUT = 1.0
 OPEN_FOR = 5.0
@@ -81,11 +81,6 @@ def http_json(url: str) -> dict:
 def http_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
 
 
 def sample(text: str, name: str, **labels: str) -> float:

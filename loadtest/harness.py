@@ -264,6 +264,12 @@ def start_nginx_upstream(workdir: Path, nginx: str | None = None) -> tuple[subpr
     return proc, port
 
 
+def rss_kib(pid: int) -> int:
+    """The resident memory of process pid, in KiB (VmRSS)."""
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS:")).split()[1])
+
+
 def process_tree(root: int) -> list[int]:
     """root and its descendants, from /proc."""
     children: dict[int, list[int]] = {}

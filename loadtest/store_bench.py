@@ -42,6 +42,7 @@ from gateway.config.model import StoreSettings  # noqa: E402
 from gateway.store import InProcessStore, Limit  # noqa: E402
 from gateway.store.local import LocalStore, run_store_process  # noqa: E402
 from gateway.testing import free_port, wait_until  # noqa: E402
+from harness import rss_kib  # noqa: E402
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -165,14 +166,6 @@ def measure(kind: str, socket_path: str, redis_url: str, ops: int) -> dict[str, 
     return row
 
 
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 async def fill(socket_path: str, keys: int) -> float:
     store = LocalStore(socket_path, 10.0)
     started = time.perf_counter()
@@ -213,9 +206,9 @@ def main() -> None:
                                          f"plugway-store-bench-{os.getpid()}.db")
         kinds = ("in-process", "local", "redis", "sqlite-tmpfs", "shm-lock")
         rows = {kind: measure(kind, socket_path, redis_url, args.ops) for kind in kinds}
-        before = rss_mib(store_process.pid)
+        before = rss_kib(store_process.pid) / 1024
         fill_seconds = asyncio.run(fill(socket_path, args.keys))
-        after = rss_mib(store_process.pid)
+        after = rss_kib(store_process.pid) / 1024
     finally:
         if "memory" in _SHARED:
             _SHARED["memory"].close()

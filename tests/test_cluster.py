@@ -49,6 +49,9 @@ async def test_starts_the_configured_number_of_workers_each_on_its_own_socket(pl
     assert sorted(w["slot"] for w in workers) == [0, 1, 2]
     status = gateway.status()
     assert status["supervisor_pid"] == gateway.process.pid and status["generation"] == 1
+    store_pid = status["store_pid"]
+    assert store_pid not in {w["pid"] for w in workers}
+    assert Path(f"/proc/{store_pid}/stat").read_text().split(") ")[1].split()[1] == str(gateway.process.pid)  # a child
     for _ in range(60):  # new connections spread over the workers' reuseport sockets
         assert (await get(gateway.port, "/api/x"))[0] == 200
     # heartbeats carry the counts to the status file
