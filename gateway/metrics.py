@@ -9,10 +9,10 @@ own registry.
 Label values are bounded: routes and upstreams come from the configuration,
 methods from the HTTP parser's fixed list, statuses are folded into classes.
 
-The per-request metrics (``plugway_requests_total`` and the two duration
-histograms) are added up in the worker and written out by ``flush``: once a
-second (with the worker's heartbeat), before the worker answers a scrape, and
-when it stops. Each write to the multiprocess files takes a lock and an mmap
+The per-request metrics (``plugway_requests_total``, the two duration
+histograms, and the plugins' metrics made with ``per_request=True``) are added
+up in the worker and written out by ``flush``: once a second (with the worker's
+heartbeat), before the worker answers a scrape, and when it stops. Each write to the multiprocess files takes a lock and an mmap
 store, and writing five of them per request cost 10 of the gateway's 100 µs of
 CPU per request (scripts/bench, RESULTS.md). So a scrape may miss up to a second
 of the other workers' requests, and a worker killed with -9 loses its last second.
@@ -69,14 +69,27 @@ class GatewayMetrics:
         self._children: dict[tuple, object] = {}
         self._pending_requests: dict[tuple, int] = {}
         self._pending_seconds: dict[tuple, _PendingObservations] = {}
+        self._per_request: list[PerRequest] = []
 
-    def counter(self, name: str, documentation: str, labels: tuple[str, ...] = ()) -> Counter:
-        """A counter in this gateway's registry, for plugins (create it in ``worker_started``)."""
-        return Counter(name, documentation, labels, registry=self.registry)
+    def counter(self, name: str, documentation: str, labels: tuple[str, ...] = (), *,
+                per_request: bool = False) -> Counter | PerRequest:
+        """A counter in this gateway's registry, for plugins (create it in ``worker_started``).
+        ``per_request``: for what changes on most requests; it is added up in the worker and
+        written out with the gateway's own (see the module docstring), at the price of up to a
+        second's lag in scrapes. Use it as a counter: ``labels(...).inc(n)`` or ``inc(n)``."""
+        counter = Counter(name, documentation, labels, registry=self.registry)
+        return self._batched(counter, _PendingCount) if per_request else counter
 
     def histogram(self, name: str, documentation: str, labels: tuple[str, ...] = (),
-                  buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
-        return Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
+                  buckets: tuple[float, ...] = LATENCY_BUCKETS, *, per_request: bool = False) -> Histogram | PerRequest:
+        """A histogram, for plugins; ``per_request`` as for ``counter``: ``labels(...).observe(x)``."""
+        histogram = Histogram(name, documentation, labels, buckets=buckets, registry=self.registry)
+        return self._batched(histogram, _PendingObservations) if per_request else histogram
+
+    def _batched(self, metric: Counter | Histogram, pending: type) -> PerRequest:
+        batched = PerRequest(metric, pending)
+        self._per_request.append(batched)
+        return batched
 
     def gauge(self, name: str, documentation: str, labels: tuple[str, ...] = (), mode: str = "livesum") -> Gauge:
         return Gauge(name, documentation, labels, registry=self.registry, multiprocess_mode=mode)
@@ -94,7 +107,7 @@ class GatewayMetrics:
         pending = self._pending_seconds.get(key)
         if pending is None:
             pending = self._pending_seconds[key] = _PendingObservations(histogram.labels(label))
-        pending.add(seconds)
+        pending.observe(seconds)
 
     def flush(self) -> None:
         """Write the per-request metrics added up since the last flush."""
@@ -107,6 +120,8 @@ class GatewayMetrics:
         self._pending_requests.clear()
         for pending in self._pending_seconds.values():
             pending.flush()
+        for metric in self._per_request:
+            metric.flush()
 
     def upstream_retried(self, upstream: str, reason: str) -> None:
         self.upstream_retries.labels(upstream, reason).inc()
@@ -122,6 +137,50 @@ class GatewayMetrics:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=directory)
         return generate_latest(registry)
+
+
+class PerRequest:
+    """A plugin's counter or histogram made with ``per_request=True``: its series count here
+    until ``GatewayMetrics.flush`` writes them."""
+
+    def __init__(self, metric: Counter | Histogram, pending: type) -> None:
+        self._metric = metric
+        self._pending = pending
+        self._series: dict[tuple[str, ...], _PendingCount | _PendingObservations] = {}
+
+    def labels(self, *values: str) -> _PendingCount | _PendingObservations:
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = self._pending(self._metric.labels(*values) if values else self._metric)
+        return series
+
+    def inc(self, amount: float = 1) -> None:
+        self.labels().inc(amount)
+
+    def observe(self, amount: float) -> None:
+        self.labels().observe(amount)
+
+    def flush(self) -> None:
+        for series in self._series.values():
+            series.flush()
+
+
+class _PendingCount:
+    """What one counter series counted since the last flush."""
+
+    __slots__ = ("series", "amount")
+
+    def __init__(self, series: Counter) -> None:
+        self.series = series
+        self.amount = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.amount += amount
+
+    def flush(self) -> None:
+        if self.amount:
+            self.series.inc(self.amount)
+            self.amount = 0.0
 
 
 class _PendingObservations:
@@ -140,7 +199,7 @@ class _PendingObservations:
         self.counts = [0] * len(self.bounds)
         self.total = 0.0
 
-    def add(self, seconds: float) -> None:
+    def observe(self, seconds: float) -> None:
         self.counts[bisect_left(self.bounds, seconds)] += 1  # the first bucket with seconds <= bound
         self.total += seconds
 

@@ -35,3 +35,21 @@ def test_flushed_metrics_equal_the_same_metrics_written_one_by_one():
     assert samples(batched) == samples(direct)
     assert len(LATENCY_BUCKETS) + 1 == sum(1 for name, labels in samples(direct)
                                            if name == "plugway_request_duration_seconds_bucket")
+
+
+def test_a_plugins_per_request_metrics_count_like_plain_ones_once_flushed():
+    batched, direct = GatewayMetrics(), GatewayMetrics()
+    made = [(metrics.counter("plugway_x_total", "x", ("route",), per_request=per_request),
+             metrics.counter("plugway_y_total", "y", per_request=per_request),
+             metrics.histogram("plugway_z_seconds", "z", ("route",), per_request=per_request))
+            for metrics, per_request in ((batched, True), (direct, False))]
+    for labelled, bare, histogram in made:
+        for seconds in DURATIONS:
+            labelled.labels("api").inc()
+            labelled.labels("other").inc(2.5)
+            bare.inc()
+            histogram.labels("api").observe(seconds)
+    assert samples(batched) != samples(direct)  # counted in the worker only
+    batched.flush()
+    assert samples(batched) == samples(direct)
+    assert samples(direct)[("plugway_x_total", (("route", "other"),))] == 2.5 * len(DURATIONS)

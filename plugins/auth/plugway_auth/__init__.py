@@ -368,6 +368,7 @@ def worker_started(gateway):
         verifications=metrics.counter(
             "plugway_auth_token_verifications_total",
             "Tokens checked in full (signature and claims), not answered from the verified-token cache.",
+            per_request=True,
         ),
         session=aiohttp.ClientSession(),
         revocations=RevocationView(gateway.store),

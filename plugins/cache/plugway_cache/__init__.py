@@ -170,7 +170,7 @@ class Metrics:
 def _metrics(registry: Any) -> Metrics:
     return Metrics(
         requests=registry.counter("plugway_cache_requests_total", "Requests on cached routes, by result.",
-                                  ("route", "result")),
+                                  ("route", "result"), per_request=True),
         memory_bytes=registry.gauge("plugway_cache_memory_bytes", "Bytes held by the memory stores."),
         memory_entries=registry.gauge("plugway_cache_memory_entries", "Records held by the memory stores."),
         evictions=registry.counter("plugway_cache_evictions_total", "Entries evicted from memory stores for room."),

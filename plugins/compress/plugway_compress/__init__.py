@@ -64,9 +64,9 @@ def declare_plugin():
 def worker_started(gateway):
     metrics = gateway.metrics
     bytes_in = metrics.counter("plugway_compress_bytes_in_total", "Response bytes compressed, by coding.",
-                               ("encoding",))
+                               ("encoding",), per_request=True)
     bytes_out = metrics.counter("plugway_compress_bytes_out_total", "Compressed response bytes sent, by coding.",
-                                ("encoding",))
+                                ("encoding",), per_request=True)
     gateway.state[NAME] = {
         encoding: partial(_account, bytes_in.labels(encoding), bytes_out.labels(encoding)) for encoding in ("br", "gzip")
     }

@@ -50,11 +50,11 @@ def worker_started(gateway):
     metrics = gateway.metrics
     gateway.state["ratelimit"] = WorkerState(
         requests=metrics.counter("plugway_ratelimit_requests_total", "Requests checked, by route, limit and result.",
-                                 ("route", "limit", "result")),
+                                 ("route", "limit", "result"), per_request=True),
         store_errors=metrics.counter("plugway_ratelimit_store_errors_total",
                                      "Checks the store could not answer, by the policy applied.", ("policy",)),
         store_seconds=metrics.histogram("plugway_ratelimit_store_seconds", "Time of one rate-limit check in the store.",
-                                        ("backend",), buckets=STORE_BUCKETS),
+                                        ("backend",), buckets=STORE_BUCKETS, per_request=True),
     )
 
 

@@ -148,6 +148,7 @@ def declare_plugin():
 def worker_started(gateway):
     gateway.state[NAME] = Decisions(gateway.metrics.counter(
         "plugway_rbac_decisions_total", "Authorization decisions, by route and result.", ("route", "result"),
+        per_request=True,
     ))
 
 

@@ -125,10 +125,10 @@ def worker_started(gateway):
         skipped=metrics.counter(
             "plugway_transform_skipped_total",
             "Bodies a body rule applied to but that passed untouched, by direction and reason.",
-            ("direction", "reason"),
+            ("direction", "reason"), per_request=True,
         ),
         transformed=metrics.counter(
-            "plugway_transform_bodies_total", "JSON bodies changed, by direction.", ("direction",),
+            "plugway_transform_bodies_total", "JSON bodies changed, by direction.", ("direction",), per_request=True,
         ),
     )
 

@@ -131,6 +131,7 @@ def worker_started(gateway):
     gateway.state[NAME] = {
         "requests": metrics.counter(
             "plugway_versioning_requests_total", "Requests accepted, by route and API version.", ("route", "version"),
+            per_request=True,
         ),
         "refused": metrics.counter(
             "plugway_versioning_refused_total",

@@ -138,10 +138,11 @@ async def worker_started(gateway):
     state = gateway.state[NAME] = WorkerState(session=session, metrics=Metrics(
         connections=metrics.gauge("plugway_websocket_connections", "Open proxied WebSocket connections.", ("route",)),
         messages=metrics.counter("plugway_websocket_messages_total",
-                                 "Messages relayed, by route and the side that sent them.", ("route", "direction")),
+                                 "Messages relayed, by route and the side that sent them.", ("route", "direction"),
+                                 per_request=True),
         bytes=metrics.counter("plugway_websocket_bytes_total",
                               "Message payload bytes relayed, by route and the side that sent them.",
-                              ("route", "direction")),
+                              ("route", "direction"), per_request=True),
         closes=metrics.counter("plugway_websocket_closes_total",
                                "Closed WebSockets, by route and the close code exchanged with the client.",
                                ("route", "code")),
