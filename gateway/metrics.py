@@ -38,17 +38,18 @@ class GatewayMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
-        self.requests = Counter(
+        self._per_request: list[PerRequest] = []
+        self.requests = self.counter(
             "plugway_requests_total", "Requests answered, by route, method and status class.",
-            ["route", "method", "status_class"], registry=registry,
+            ("route", "method", "status_class"), per_request=True,
         )
-        self.request_seconds = Histogram(
+        self.request_seconds = self.histogram(
             "plugway_request_duration_seconds", "Time from the request head to the last response byte.",
-            ["route"], buckets=LATENCY_BUCKETS, registry=registry,
+            ("route",), per_request=True,
         )
-        self.upstream_seconds = Histogram(
+        self.upstream_seconds = self.histogram(
             "plugway_upstream_response_seconds", "Time from sending a request upstream to its response head.",
-            ["upstream"], buckets=LATENCY_BUCKETS, registry=registry,
+            ("upstream",), per_request=True,
         )
         self.in_flight = Gauge(
             "plugway_requests_in_flight", "Requests being handled now.", registry=registry,
@@ -66,10 +67,6 @@ class GatewayMetrics:
             "plugway_connections_refused_total", "Client connections turned away before a request, by reason.",
             ["reason"], registry=registry,
         )
-        self._children: dict[tuple, object] = {}
-        self._pending_requests: dict[tuple, int] = {}
-        self._pending_seconds: dict[tuple, _PendingObservations] = {}
-        self._per_request: list[PerRequest] = []
 
     def counter(self, name: str, documentation: str, labels: tuple[str, ...] = (), *,
                 per_request: bool = False) -> Counter | PerRequest:
@@ -95,31 +92,15 @@ class GatewayMetrics:
         return Gauge(name, documentation, labels, registry=self.registry, multiprocess_mode=mode)
 
     def request_done(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status // 100)
-        self._pending_requests[key] = self._pending_requests.get(key, 0) + 1
+        self.requests.labels(route, method, f"{status // 100}xx").inc()
         if status != 101:  # a WebSocket's lifetime (minutes) is not a request duration
-            self._observe(("request", route), self.request_seconds, route, seconds)
+            self.request_seconds.labels(route).observe(seconds)
 
     def upstream_answered(self, upstream: str, seconds: float) -> None:
-        self._observe(("upstream", upstream), self.upstream_seconds, upstream, seconds)
-
-    def _observe(self, key: tuple, histogram: Histogram, label: str, seconds: float) -> None:
-        pending = self._pending_seconds.get(key)
-        if pending is None:
-            pending = self._pending_seconds[key] = _PendingObservations(histogram.labels(label))
-        pending.observe(seconds)
+        self.upstream_seconds.labels(upstream).observe(seconds)
 
     def flush(self) -> None:
-        """Write the per-request metrics added up since the last flush."""
-        for key, count in self._pending_requests.items():
-            counter = self._children.get(key)
-            if counter is None:
-                route, method, status_class = key
-                counter = self._children[key] = self.requests.labels(route, method, f"{status_class}xx")
-            counter.inc(count)
-        self._pending_requests.clear()
-        for pending in self._pending_seconds.values():
-            pending.flush()
+        """Write what the per-request metrics added up since the last flush."""
         for metric in self._per_request:
             metric.flush()
 
