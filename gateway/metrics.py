@@ -12,10 +12,12 @@ methods from the HTTP parser's fixed list, statuses are folded into classes.
 The per-request metrics (``plugway_requests_total``, the two duration
 histograms, and the plugins' metrics made with ``per_request=True``) are added
 up in the worker and written out by ``flush``: once a second (with the worker's
-heartbeat), before the worker answers a scrape, and when it stops. Each write to the multiprocess files takes a lock and an mmap
-store, and writing five of them per request cost 10 of the gateway's 100 µs of
-CPU per request (scripts/bench, RESULTS.md). So a scrape may miss up to a second
-of the other workers' requests, and a worker killed with -9 loses its last second.
+heartbeat), before the worker answers a scrape, and when it stops. Each write to
+the multiprocess files takes a lock and an mmap store; written per request, the
+core's five cost 10 of the gateway's 100 µs of CPU per request, and the bundled
+plugins' about 30 more with all of them on (scripts/bench, RESULTS.md). So a
+scrape may miss up to a second of the other workers' requests, and a worker
+killed with -9 loses its last second.
 """
 
 from __future__ import annotations
