@@ -95,13 +95,10 @@ async def upstream_request(
         outgoing.headers[name] = value
     if ctx.request.body_exists:
         outgoing.set_body(b"")  # the client's body stays the client's request's
-    for step in sub.route.chain.before_upstream:
-        if await _settle(step(sub, outgoing)) is not None:
-            yield None
-            return
-    upstream = sub.gateway.upstream(outgoing.upstream_name) if outgoing.upstream_name else sub.route.upstream
-    sub.upstream = upstream
-    response = await proxy.send(sub, outgoing, upstream)
+    if await _before_upstream(sub, sub.route.chain, outgoing) is not None:
+        yield None
+        return
+    response = await proxy.send(sub, outgoing, sub.upstream)
     try:
         yield response
     finally:
@@ -130,16 +127,24 @@ async def _request_phase(ctx: RequestContext, chain: Chain) -> tuple[Response | 
     return None, len(chain.plugins)
 
 
-async def _upstream_phase(ctx: RequestContext, chain: Chain) -> Response | UpstreamResponse:
-    outgoing = outgoing_request(ctx)
+async def _before_upstream(ctx: RequestContext, chain: Chain, outgoing: OutgoingRequest) -> Response | None:
+    """The ``before_upstream`` hooks: the answer of one that answers, or None with
+    ``ctx.upstream`` set to the upstream they chose (the route's unless one changed it)."""
     for step in chain.before_upstream:
         result = await _settle(step(ctx, outgoing))
         if result is not None:
             return result
-    upstream = ctx.gateway.upstream(outgoing.upstream_name) if outgoing.upstream_name else ctx.route.upstream
-    ctx.upstream = upstream
+    ctx.upstream = ctx.gateway.upstream(outgoing.upstream_name) if outgoing.upstream_name else ctx.route.upstream
+    return None
+
+
+async def _upstream_phase(ctx: RequestContext, chain: Chain) -> Response | UpstreamResponse:
+    outgoing = outgoing_request(ctx)
+    answer = await _before_upstream(ctx, chain, outgoing)
+    if answer is not None:
+        return answer
     try:
-        return await proxy.send(ctx, outgoing, upstream)
+        return await proxy.send(ctx, outgoing, ctx.upstream)
     except GatewayError as error:
         if error.status < 500:
             raise

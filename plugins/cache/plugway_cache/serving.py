@@ -53,13 +53,9 @@ class CacheState:
     worker_id: str = dataclasses.field(default_factory=lambda: os.urandom(8).hex())
     _evictions_seen: int = 0
     _bytes_seen: int = -1
-    _counters: dict = dataclasses.field(default_factory=dict)
 
     def count(self, route: str, label: str) -> None:
-        counter = self._counters.get((route, label))
-        if counter is None:
-            counter = self._counters[(route, label)] = self.metrics.requests.labels(route, label.lower())
-        counter.inc()
+        self.metrics.requests.labels(route, label.lower()).inc()
 
     def store_for(self, settings: Any) -> MemoryStore | SharedStore:
         return self.memory if settings.store == "memory" and self.memory is not None else self.shared

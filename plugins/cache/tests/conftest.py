@@ -158,23 +158,8 @@ async def raw_get():
 
 def cluster_config(upstream_url: str, plugin: str = "", *, workers: int = 2, store: str = 'timeout = "2s"') -> str:
     """A configuration for ``plugway_process``: the cache on every route, ``workers`` workers."""
-    return textwrap.dedent(f"""
-        [server]
-        workers = {workers}
-        [log]
-        access = false
-        [store]
-        {textwrap.dedent(store).strip()}
-        [[upstreams]]
-        name = "app"
-        targets = [{{ url = "{upstream_url}" }}]
-        [[routes]]
-        name = "all"
-        prefix = "/"
-        upstream = "app"
-        [plugins.cache]
-        {textwrap.dedent(plugin).strip()}
-    """)
+    store_table = f"[store]\n{textwrap.dedent(store)}"
+    return gateway_config(upstream_url, plugin, server=f"workers = {workers}", extra=store_table)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal
+from typing import Literal
 
 from gateway import GatewayError, PluginDeclaration, hookimpl, setting
 
@@ -125,20 +125,6 @@ class NoMatchingRule(GatewayError):
     status, code, message = 403, "no_matching_rule", "no authorization rule matches this request"
 
 
-class Decisions:
-    """``plugway_rbac_decisions_total{route,result}``, with its labelled children kept."""
-
-    def __init__(self, counter: Any) -> None:
-        self.counter = counter
-        self.children: dict[tuple[str, str], Any] = {}
-
-    def count(self, route: str, result: str) -> None:
-        child = self.children.get((route, result))
-        if child is None:
-            child = self.children[(route, result)] = self.counter.labels(route, result)
-        child.inc()
-
-
 @hookimpl
 def declare_plugin():
     return PluginDeclaration(settings=RbacSettings, priority=950)
@@ -146,16 +132,16 @@ def declare_plugin():
 
 @hookimpl
 def worker_started(gateway):
-    gateway.state[NAME] = Decisions(gateway.metrics.counter(
+    gateway.state[NAME] = gateway.metrics.counter(
         "plugway_rbac_decisions_total", "Authorization decisions, by route and result.", ("route", "result"),
         per_request=True,
-    ))
+    )
 
 
 @hookimpl
 def on_request(ctx, settings):
     verdict = settings.policy.decide(ctx.method, ctx.path, ctx.consumer)
-    ctx.gateway.state[NAME].count(ctx.route.name, verdict.result)
+    ctx.gateway.state[NAME].labels(ctx.route.name, verdict.result).inc()
     if verdict.rule is not None:
         ctx.log["rbac_rule"] = verdict.rule
     if verdict.result != ALLOWED:
