@@ -31,24 +31,28 @@ def serve(port, upstream):
     app.router.add_route("*", "/{tail:.*}", handle)
     web.run_app(app, host="127.0.0.1", port=port, reuse_port=True, backlog=4096, access_log=None, print=None)
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("port", type=int); ap.add_argument("upstream"); ap.add_argument("--workers", type=int, default=1)
-    a = ap.parse_args()
+def run_forked(workers, serve, *args):
+    """serve(*args) in this process (workers 1) or in that many forked children until SIGTERM or SIGINT."""
+    if workers <= 1:
+        return serve(*args)
     kids = []
-    for _ in range(a.workers if a.workers > 1 else 0):
+    for _ in range(workers):
         if (pid := os.fork()) == 0:
-            try: serve(a.port, a.upstream)
+            try: serve(*args)
             finally: os._exit(0)
         kids.append(pid)
-    if not kids:
-        return serve(a.port, a.upstream)
     def stop(*_):
         for pid in kids:
             with contextlib.suppress(ProcessLookupError): os.kill(pid, signal.SIGTERM)
     signal.signal(signal.SIGTERM, stop); signal.signal(signal.SIGINT, stop)
     for pid in kids:
         os.waitpid(pid, 0)
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("port", type=int); ap.add_argument("upstream"); ap.add_argument("--workers", type=int, default=1)
+    a = ap.parse_args()
+    run_forked(a.workers, serve, a.port, a.upstream)
 
 if __name__ == "__main__":
     main()

@@ -12,6 +12,12 @@ configuration started fresh, warmed up with wrk (discarded), measured with wrk, 
     g  the gateway of e, but wrk's route has every plugin turned off (`enabled = false`) and
        they all run on another route: g/d is what a route pays for the plugins of other routes
 
+and, only when --only names them, two measuring instruments (loadtest/probe_proxy.py), N workers:
+
+    p  aiohttp's low-level web.Server + a raw asyncio upstream pool parsed by httptools: the
+       probe the core issue describes; p/b and p/c are what that design reaches here
+    r  the same without aiohttp: asyncio.Protocol + httptools on both sides
+
 With --per-plugin, also (round-robin with d, after the configurations selected) the gateway with
 each [plugins.NAME] table of loadtest/plugins.toml alone, reported as a second table: each plugin's
 cost against d. A plugin that is not installed or does not start is reported as skipped.
@@ -56,7 +62,8 @@ LOADTEST = ROOT / "loadtest"
 # answers a cross-origin request instead of passing them by.
 PLUGIN_HEADERS = ("Accept-Encoding: gzip", "Origin: https://app.example.com")
 
-CONFIG_ORDER = "abcdefg"
+CONFIG_ORDER = "abcdefgpr"
+DEFAULT_CONFIGS = "abcdefg"  # p and r are instruments: run them with --only
 CONNECTIONS = 64
 FOREIGN_WARN = 10.0  # % of a core used by processes not ours during a run: above it, warn
 
@@ -206,6 +213,11 @@ class Bench:
             logfile = self.dir / f"aiohttp-{tag}.log"
             proc = spawn([str(VENV_BIN / "python"), str(LOADTEST / "aiohttp_proxy.py"), str(port),
                           f"http://{HOST}:{self.upstream_port}", "--workers", workers], logfile)
+        elif key in "pr":
+            logfile = self.dir / f"probe-{tag}.log"
+            proc = spawn([str(VENV_BIN / "python"), str(LOADTEST / "probe_proxy.py"), str(port),
+                          f"http://{HOST}:{self.upstream_port}", "--workers", workers,
+                          "--server", "aiohttp" if key == "p" else "raw"], logfile)
         elif key in "defg":
             proc, ready = self.start_gateway(port, key in "eg", 1 if key == "f" else self.args.workers, tag,
                                              elsewhere=key == "g")
@@ -396,7 +408,12 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
     for title, top, bottom in (("gateway / nginx proxy", "d", "b"), ("gateway / naive aiohttp proxy", "d", "c"),
                                ("gateway with plugins / without", "e", "d"),
                                (f"gateway, {args.workers} workers / 1 worker", "d", "f"),
-                               ("route without plugins beside plugin routes / no plugins at all", "g", "d")):
+                               ("route without plugins beside plugin routes / no plugins at all", "g", "d"),
+                               ("probe p / nginx proxy", "p", "b"), ("probe p / naive aiohttp proxy", "p", "c"),
+                               ("gateway / probe p", "d", "p"), ("probe r / nginx proxy", "r", "b"),
+                               ("probe r / naive aiohttp proxy", "r", "c"), ("gateway / probe r", "d", "r")):
+        if {top, bottom} & {"p", "r"} and not (top in configs and bottom in configs):
+            continue  # the instruments' ratios only when both sides ran
         values = ratios(configs, top, bottom)
         if values:
             text = ratio_text(values)
@@ -415,7 +432,7 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
         "run by processes this run did not start (% of one core, the largest run; above "
         f"{FOREIGN_WARN:.0f}% the machine was busy and the numbers are unreliable); errors: summed over rounds.",
         "Ratios are of req/s, computed per round and reported as the median (min–max) of the per-round ratios.",
-        f"Upstream: nginx, 1 worker, fixed 100-byte JSON body. Workers for c, d, e, g: {args.workers}; f: 1.",
+        f"Upstream: nginx, 1 worker, fixed 100-byte JSON body. Workers for c, d, e, g, p, r: {args.workers}; f: 1.",
     ]
     starts = [f"{c.key} {max(c.start_s):.1f}" for c in configs.values() if c.start_s and c.key != "a"]
     if starts:
@@ -548,6 +565,8 @@ LABELS = {
     "e": "gateway, bundled plugins, {w} workers",
     "f": "gateway, no plugins, 1 worker",
     "g": "gateway, plugins on another route only, {w} workers",
+    "p": "probe: aiohttp web.Server + httptools pool, {w} workers",
+    "r": "probe: asyncio.Protocol + httptools both sides, {w} workers",
 }
 
 
@@ -578,8 +597,9 @@ def parse(ap: argparse.ArgumentParser, argv: list[str], **limits: tuple[float, f
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = options("scripts/bench", __doc__)
-    ap.add_argument("--only", default=",".join(CONFIG_ORDER),
-                    help="configurations to run, such as a,b,d (default all)")
+    ap.add_argument("--only", default=",".join(DEFAULT_CONFIGS),
+                    help=f"configurations to run, such as a,b,d (default {','.join(DEFAULT_CONFIGS)}; p and r only "
+                         "when named)")
     ap.add_argument("--k6", action="store_true", help="also run loadtest/k6/bare.js once against d")
     ap.add_argument("--k6-rate", type=int, default=500, help="req/s for --k6 (default 500)")
     ap.add_argument("--k6-duration", type=float, default=15.0, help="seconds for --k6 (default 15)")
