@@ -17,7 +17,6 @@ connections and wait for in-flight requests until ``graceful_timeout``.
 from __future__ import annotations
 
 import asyncio
-import gc
 import importlib
 import logging
 import os
@@ -38,6 +37,7 @@ from .errors import GatewayError
 from .forwarding import FORWARDING, TrustedProxies
 from .heartbeat import EXIT_BOOT_FAILED, WorkerChannel
 from .logs import setup_logging
+from .garbage import Collector, freeze_startup_objects
 from .metrics import NO_ROUTE, GatewayMetrics
 from .plugins import PluginSet, load_plugins
 from .requesthead import HeadRules
@@ -295,24 +295,31 @@ class Worker:
         if self._handle_signals:
             for signum, immediate in ((signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGQUIT, True)):
                 loop.add_signal_handler(signum, self.stop, immediate)
-        if self._channel is not None:  # a worker process, not a gateway inside a test
-            _freeze_startup_objects()
+        worker_process = self._channel is not None  # not a gateway inside a test
+        if worker_process:
+            freeze_startup_objects()
+        server = self.settings.server
+        collector = Collector(gateway.metrics, freeze=worker_process and server.gc_freeze,
+                              thaw_interval=server.gc_thaw_interval)
+        collector.install()
         gateway.ready = True
         if self._on_ready is not None:
             self._on_ready(gateway)
         if self._channel is not None:
             self._channel.send("ready")
-            gateway.spawn(self._heartbeat(gateway))
+            gateway.spawn(self._heartbeat(gateway, collector))
         await self._stop.wait()
         await self._drain(gateway, servers)
+        collector.remove()
         gateway.metrics.flush()  # what the last second's requests added, before the process goes
         if admin is not None:
             await admin.cleanup()
         await gateway.stop_plugins()
         await gateway.close()
 
-    async def _heartbeat(self, gateway: Gateway) -> None:
-        """Tell the supervisor this event loop is alive; ask to be recycled past the limits."""
+    async def _heartbeat(self, gateway: Gateway, collector: Collector) -> None:
+        """Tell the supervisor this event loop is alive; ask to be recycled past the limits; thaw
+        the frozen objects when it is time (gateway/garbage.py)."""
         server = gateway.settings.server
         interval = min(1.0, server.worker_timeout / 4)
         parent = os.getppid()
@@ -323,6 +330,7 @@ class Worker:
                 log.error("the supervisor is gone: stopping")
                 self.stop()
                 return
+            collector.thaw_when_due()
             gateway.metrics.flush()
             gateway.metrics.in_flight.set(gateway.in_flight)
             rss = _rss_bytes()
@@ -396,15 +404,6 @@ class Worker:
         # aiohttp reads a timeout of 0 as "no timeout": cut immediately with a tiny positive one.
         remaining = 0.001 if self._immediate else max(deadline - loop.time(), 0.001)
         await asyncio.gather(*(handler.shutdown(remaining) for _, handler in servers))
-
-
-def _freeze_startup_objects() -> None:
-    """Collect once, then put every object that start-up left (modules, plugins, settings,
-    pools) out of the collector's reach: a full collection then walks only what requests
-    created. Without it, those walks over hundreds of thousands of long-lived objects were the
-    tail of the latency under load (scripts/bench: p99 21-25 ms, with it 8-9 ms)."""
-    gc.collect()
-    gc.freeze()
 
 
 def run_worker_process(

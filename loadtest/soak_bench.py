@@ -10,6 +10,7 @@ wrk's requests, errors and latency. Everything runs on 127.0.0.1 and stops by it
 
     .venv/bin/python loadtest/soak_bench.py                 # 5 minutes
     .venv/bin/python loadtest/soak_bench.py --minutes 30 --markdown
+    .venv/bin/python loadtest/soak_bench.py --server 'gc_thaw_interval = "2m"'   # TOML for [server]
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def soak(args: argparse.Namespace, workdir: Path) -> str:
     extra = (LOADTEST / "plugins.toml").read_text()
     conf = workdir / "gateway.toml"
     conf.write_text(gateway_toml(port, admin_port, upstream_port, workdir / "run", workers=2, upstream="up",
-                                 extra=extra))
+                                 server="\n".join(args.server), extra=extra))
     gateway_log = workdir / "gateway.log"
     gateway = spawn([str(VENV_BIN / "plugway"), "run", "-c", str(conf)], gateway_log)
     wait_ready(gateway, admin_port, "/ready", gateway_log, "the gateway")
@@ -85,7 +86,8 @@ def report(args: argparse.Namespace, processes: dict[int, str], samples: list, w
     title = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, nproc {os.cpu_count()}: soak, every plugin"
     lines = [title, "", "```sh", ".venv/bin/python loadtest/soak_bench.py " + " ".join(sys.argv[1:]), "```", "",
              f"- gateway: 2 workers with loadtest/plugins.toml (config e of scripts/bench), upstream nginx "
-             f"(100-byte body); `wrk -t1 -c64 -d{args.minutes * 60:g}s` with {', '.join(PLUGIN_HEADERS)}.",
+             f"(100-byte body); `wrk -t1 -c64 -d{args.minutes * 60:g}s` with {', '.join(PLUGIN_HEADERS)}"
+             + (f"; [server] {'; '.join(args.server)}" if args.server else "") + ".",
              f"- wrk: {wrk.requests:,} requests, {wrk.rps:,.0f} req/s, p50 {wrk.p50_ms:.2f} ms, p99 {wrk.p99_ms:.2f} ms, "
              f"non-2xx {wrk.non2xx}, socket errors {wrk.socket_errors}.", "",
              "| s | " + " | ".join(processes[pid] for pid in order) + " |",
@@ -103,6 +105,8 @@ def main() -> int:
     parser.add_argument("--minutes", type=float, default=5.0, help="length of the load (default 5)")
     parser.add_argument("--every", type=float, default=15.0, help="seconds between memory samples (default 15)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch directory (config, logs)")
+    parser.add_argument("--server", action="append", default=[], metavar="TOML",
+                        help="a line of TOML for the gateway's [server] table (repeatable)")
     args = parser.parse_args()
     if not 1 <= args.minutes <= 24 * 60 or not 1 <= args.every <= 600:
         parser.error("--minutes must be 1 to 1440, --every 1 to 600")

@@ -147,6 +147,35 @@ def metric(admin_port: int, name: str) -> float:
     return total
 
 
+def full_collections(admin_port: int) -> tuple[float, float, dict[float, float]]:
+    """The workers' full garbage collections so far (``plugway_gc_pause_seconds``, generation 2):
+    their number, their seconds in total, and the cumulative count per bucket bound."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=10).read().decode()
+    count = total = 0.0
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("plugway_gc_pause_seconds") or 'generation="2"' not in line:
+            continue
+        value = float(line.rsplit(" ", 1)[1])
+        if line.startswith("plugway_gc_pause_seconds_count"):
+            count += value
+        elif line.startswith("plugway_gc_pause_seconds_sum"):
+            total += value
+        elif line.startswith("plugway_gc_pause_seconds_bucket"):
+            bound = float(line.split('le="', 1)[1].split('"', 1)[0])
+            buckets[bound] = buckets.get(bound, 0.0) + value
+    return count, total, buckets
+
+
+def collections_between(before: tuple, after: tuple) -> str:
+    """The full collections between two ``full_collections`` readings, as report text."""
+    count, total = after[0] - before[0], after[1] - before[1]
+    if not count:
+        return "none"
+    longest = min(bound for bound, seen in after[2].items() if seen - before[2].get(bound, 0.0) >= count)
+    return f"{count:.0f}, {total * 1000:.0f} ms in all, the longest at most {longest * 1000:g} ms"
+
+
 # --- the idle connections -----------------------------------------------------------------------
 
 
@@ -385,11 +414,13 @@ async def measure(args: argparse.Namespace) -> str:
         await settle(lambda: metric(admin_port, "plugway_websocket_connections") == 0, 30, "the warm-up connections to close")
         await asyncio.sleep(1)
         before = {pid: rss(pid) for pid in workers}
+        collections = [full_collections(admin_port)]
         started = time.monotonic()
         held = await clients.hold(args.connections, lambda: metric(admin_port, "plugway_websocket_connections"))
         opened_in = time.monotonic() - started
         await asyncio.sleep(2)
         after = {pid: rss(pid) for pid in workers}
+        collections.append(full_collections(admin_port))
         gauge = metric(admin_port, "plugway_websocket_connections")
         ours = [gateway.pid, upstream.pid, os.getpid(), *workers, *clients.pids]
         busy_before, ours_before = busy_ticks(), sum(process_ticks(pid) for pid in ours)
@@ -400,6 +431,8 @@ async def measure(args: argparse.Namespace) -> str:
         k6_ticks = (k6_after.ru_utime + k6_after.ru_stime - k6_before.ru_utime - k6_before.ru_stime) * hz
         foreign = (busy_ticks() - busy_before - (sum(process_ticks(pid) for pid in ours) - ours_before) - k6_ticks)
         foreign_percent = max(foreign, 0) / hz / k6_seconds * 100
+        await asyncio.sleep(1.5)  # every worker has flushed its metrics since k6 stopped
+        collections.append(full_collections(admin_port))
         single_p50, single_p99 = await python_echo(url)
         await settle(lambda: metric(admin_port, "plugway_websocket_connections") <= held, 15, "k6's connections to close",
                      required=False)
@@ -448,6 +481,9 @@ async def measure(args: argparse.Namespace) -> str:
         f"CPU used meanwhile by processes this run did not start: {foreign_percent:.0f}% of one core.",
         f"- echo round trip without k6's own overhead: one `websockets` client, 2,000 echoes one after the other, "
         f"timed with `perf_counter` (the idle connections still open): p50 {single_p50:.3f} ms, p99 {single_p99:.3f} ms.",
+        f"- full garbage collections in the workers (`plugway_gc_pause_seconds`, generation 2): while the connections "
+        f"opened: {collections_between(collections[0], collections[1])}; during the k6 echo phase: "
+        f"{collections_between(collections[1], collections[2])}.",
     ]
     return "\n".join(lines) + "\n"
 
