@@ -6,14 +6,20 @@ thousands of open WebSockets that is hundreds of thousands of objects, and
 each full collection held every request on that worker for 400 ms
 (loadtest/ws_bench.py, RESULTS.md).
 
-So, with ``[server] gc_freeze = true`` (the default), what survives a full
-collection is frozen (``gc.freeze``): it is alive at that moment, it is likely
-to stay alive (connections, pools, caches), and the next full collections walk
-only what became long-lived since. The price is that a frozen object which
-later dies inside a reference cycle is not reclaimed until the next thaw: every
-``gc_thaw_interval`` the worker unfreezes everything and runs one full
-collection, the one long pause of that interval, and freezes the survivors
-again. ``gc_freeze = false`` leaves the collector as CPython ships it.
+So a full collection that takes longer than ``[server] gc_freeze_pause`` (20 ms)
+freezes what survived it (``gc.freeze``): alive at that moment and likely to stay
+alive (connections, pools, caches), it is left out of the next full collections,
+which walk only what became long-lived since. Only long pauses freeze: a
+frozen object that later dies inside a reference cycle is not reclaimed until
+the next thaw, and freezing after every full collection, the short ones of
+plain HTTP traffic too, froze requests in flight that way; the workers then
+grew by 0.2-0.3 MiB a minute under load (loadtest/soak_bench.py, RESULTS.md
+06:13), where with the threshold nothing is frozen and memory stays flat (06:48).
+
+Such objects are reclaimed by the thaw: ``gc_thaw_interval`` after the first
+freeze, the worker unfreezes everything and runs one full collection, the one
+long pause of that interval (which freezes its survivors again when it is
+long). ``gc_freeze_pause = 0`` leaves the collector as CPython ships it.
 
 ``plugway_gc_pause_seconds{generation}`` shows each pause, so that such a tail
 can be told from a slow upstream.
@@ -41,23 +47,24 @@ def freeze_startup_objects() -> None:
 
 
 class Collector:
-    """This process's collections, timed into ``plugway_gc_pause_seconds`` and, with
-    ``freeze``, the survivors of each full one frozen (see the module docstring).
+    """This process's collections, timed into ``plugway_gc_pause_seconds``; the survivors of a
+    full one longer than ``freeze_after`` seconds frozen, and thawed ``thaw_interval`` seconds
+    after the first freeze (see the module docstring; 0 turns either off).
 
     A ``gc.callbacks`` entry between ``install`` and ``remove``; the pauses are added up in the
     worker like the per-request metrics (a young collection runs every few hundred allocations).
     """
 
-    def __init__(self, metrics: GatewayMetrics, freeze: bool = False, thaw_interval: float = 0.0) -> None:
+    def __init__(self, metrics: GatewayMetrics, freeze_after: float = 0.0, thaw_interval: float = 0.0) -> None:
         histogram = metrics.histogram(
             "plugway_gc_pause_seconds", "Time the garbage collector held the worker, by generation collected.",
             ("generation",), buckets=PAUSE_BUCKETS, per_request=True,
         )
         self._pauses = [histogram.labels(str(generation)) for generation in range(3)]
         self._started = 0.0
-        self.freeze = freeze
+        self.freeze_after = freeze_after
         self.thaw_interval = thaw_interval
-        self._next_thaw = time.monotonic() + thaw_interval
+        self.first_frozen: float | None = None  # monotonic time of the first freeze since the last thaw
 
     def install(self) -> None:
         gc.callbacks.append(self._on_collection)
@@ -67,11 +74,13 @@ class Collector:
             gc.callbacks.remove(self._on_collection)
 
     def thaw_when_due(self) -> None:
-        """Called about once a second: past ``thaw_interval``, unfreeze and collect everything
-        (the callback freezes the survivors again)."""
-        if not (self.freeze and self.thaw_interval) or time.monotonic() < self._next_thaw:
+        """Called about once a second: ``thaw_interval`` after the first freeze, unfreeze and
+        collect everything (a long collection freezes its survivors again)."""
+        if self.first_frozen is None or not self.thaw_interval:
             return
-        self._next_thaw = time.monotonic() + self.thaw_interval
+        if time.monotonic() - self.first_frozen < self.thaw_interval:
+            return
+        self.first_frozen = None
         gc.unfreeze()
         gc.collect()
 
@@ -80,6 +89,9 @@ class Collector:
             self._started = time.perf_counter()
             return
         generation = info["generation"]
-        self._pauses[generation].observe(time.perf_counter() - self._started)
-        if generation == 2 and self.freeze:
+        pause = time.perf_counter() - self._started
+        self._pauses[generation].observe(pause)
+        if generation == 2 and self.freeze_after and pause > self.freeze_after:
             gc.freeze()  # every tracked object is alive now: the collection has just ended
+            if self.first_frozen is None:
+                self.first_frozen = time.monotonic()

@@ -299,7 +299,7 @@ class Worker:
         if worker_process:
             freeze_startup_objects()
         server = self.settings.server
-        collector = Collector(gateway.metrics, freeze=worker_process and server.gc_freeze,
+        collector = Collector(gateway.metrics, freeze_after=server.gc_freeze_pause if worker_process else 0.0,
                               thaw_interval=server.gc_thaw_interval)
         collector.install()
         gateway.ready = True

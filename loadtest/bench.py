@@ -143,6 +143,7 @@ class Config:
     toml: str | None = None
     headers: tuple[str, ...] = ()  # sent with every request (wrk and the check GET), "Name: value"
     env: dict[str, str] | None = None  # the gateway's environment (default: this one's)
+    server: str = ""  # a variant's lines for the gateway's [server] table
 
 
 class Bench:
@@ -165,7 +166,7 @@ class Bench:
     # gateway --------------------------------------------------------------------------------
 
     def gateway_config(self, port: int, admin_port: int, with_plugins: bool, workers: int,
-                       elsewhere: bool = False) -> str:
+                       elsewhere: bool = False, server: str = "") -> str:
         """d's configuration; with_plugins: e's (plugins.toml appended); elsewhere: g's (the same
         plugins, turned off on wrk's route "all" and on for a second route)."""
         extra = "\n# from loadtest/plugins.toml\n" + (LOADTEST / "plugins.toml").read_text() if with_plugins else ""
@@ -173,7 +174,7 @@ class Bench:
             off = "".join(f"[routes.plugins.{name}]\nenabled = false\n" for name in self.plugin_tables)
             extra = off + '[[routes]]\nname = "plugins"\nprefix = "/with-plugins"\nupstream = "up"\n' + extra
         return gateway_toml(port, admin_port, self.upstream_port, f"{self.dir}/run-{port}", workers=workers,
-                            upstream="up", extra=extra)
+                            server=server, upstream="up", extra=extra)
 
     def start_gateway(self, port: int, with_plugins: bool, workers: int, tag: str,
                       elsewhere: bool = False) -> tuple[subprocess.Popen, float]:
@@ -182,9 +183,10 @@ class Bench:
         return self.launch_gateway(text, admin_port, tag)
 
     def start_variant(self, config: Config, port: int, tag: str) -> tuple[subprocess.Popen, float]:
-        """The gateway of d with config.toml appended to its configuration, in config.env."""
+        """The gateway of d with config.server in its [server] table and config.toml appended to its
+        configuration, in config.env."""
         admin_port = free_port()
-        text = self.gateway_config(port, admin_port, False, self.args.workers) + (config.toml or "")
+        text = self.gateway_config(port, admin_port, False, self.args.workers, server=config.server) + (config.toml or "")
         return self.launch_gateway(text, admin_port, tag, config.env)
 
     def launch_gateway(self, text: str, admin_port: int, tag: str,

@@ -3,8 +3,8 @@ plugin benchmarks (plugins/*/bench_*.py), which is scripts/bench's (bench.py).
 
 A variant is a bench.Config with `toml` set: TOML appended to the configuration of scripts/bench's
 config d (the gateway, no plugins, --workers workers, [log] access = false, the nginx upstream),
-and optionally `headers` that wrk (and the GET that checks each run) sends and `env` for the
-gateway. main() takes scripts/bench's options (--rounds, --duration, --warmup, --workers,
+and optionally `server`, lines for d's [server] table, `headers` that wrk (and the GET that checks
+each run) sends and `env` for the gateway. main() takes scripts/bench's options (--rounds, --duration, --warmup, --workers,
 --markdown, --keep) and a script's own, runs d and the variants round-robin, each run started
 fresh, warmed up, measured with wrk and stopped as scripts/bench does, and prints one table:
 req/s median (min–max), CPU µs/req, its difference to d, the per-round req/s ratio to d

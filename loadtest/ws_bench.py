@@ -39,6 +39,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import signal
 import socket
 import subprocess
@@ -388,7 +389,7 @@ async def measure(args: argparse.Namespace) -> str:
     config = work / "plugway.toml"
     config.write_text(gateway_toml(
         port, admin_port, upstream_port, work / "run", workers=args.workers,
-        server="max_connections = 20000\nbacklog = 4096", upstream="echo", route="ws", prefix="/ws",
+        server="\n".join(["max_connections = 20000", "backlog = 4096", *args.server]), upstream="echo", route="ws", prefix="/ws",
         extra="[routes.plugins.websocket]\nmax_connections_per_worker = 20000\n"))
     gateway = subprocess.Popen([str(BIN / "plugway"), "run", "-c", str(config)], stdout=(work / "stdout.log").open("wb"),
                                stderr=(work / "stderr.log").open("wb"))
@@ -459,7 +460,8 @@ async def measure(args: argparse.Namespace) -> str:
         "",
         "```sh",
         f".venv/bin/python loadtest/ws_bench.py --connections {args.connections} --workers {args.workers} "
-        f"--k6-vus {args.k6_vus} --k6-duration {args.k6_duration} --idle-client {args.idle_client}",
+        f"--k6-vus {args.k6_vus} --k6-duration {args.k6_duration} --idle-client {args.idle_client}"
+        + "".join(f" --server {shlex.quote(line)}" for line in args.server),
         "```",
         "",
         f"- kernel: Linux {platform.release()}; Python {platform.python_version()}; open-files limit {limits[0]} "
@@ -504,6 +506,8 @@ def main() -> None:
     parser.add_argument("--k6-duration", default="30s")
     parser.add_argument("--idle-client", choices=("k6", "python"), default="k6",
                         help="what holds the idle connections (default: k6, loadtest/k6/websocket.js)")
+    parser.add_argument("--server", action="append", default=[], metavar="TOML",
+                        help="a line of TOML for the gateway's [server] table (repeatable)")
     parser.add_argument("--serve-upstream", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_upstream:

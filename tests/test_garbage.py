@@ -34,32 +34,37 @@ async def test_each_garbage_collection_is_timed_by_generation_while_the_gateway_
     assert gateway.metric("plugway_gc_pause_seconds_count", generation="2") == after[2]
 
 
-def test_what_survives_a_full_collection_stays_frozen_until_the_thaw():
-    collector = Collector(GatewayMetrics(), freeze=True, thaw_interval=1e-9)
+def test_the_survivors_of_a_long_full_collection_stay_frozen_until_the_thaw():
+    collector = Collector(GatewayMetrics(), freeze_after=1e-9, thaw_interval=1e-9)  # every pause is long
     collector.install()
     try:
         node, alive = cycle_watched()
         gc.collect()
-        assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0 and collector.first_frozen is not None
         del node
         gc.collect()
         assert alive() is not None  # frozen when it was alive: its cycle is not walked any more
         collector.thaw_when_due()
         assert alive() is None  # the thaw's full collection reclaimed it
-        assert gc.get_freeze_count() > 0  # and froze the survivors again
+        assert gc.get_freeze_count() > 0  # and, long too, froze its survivors again
     finally:
         collector.remove()
         gc.unfreeze()
 
 
-def test_without_freezing_a_dead_cycle_goes_at_the_next_full_collection():
-    collector = Collector(GatewayMetrics(), freeze=False)
+def test_a_short_full_collection_freezes_nothing_and_start_up_objects_are_not_thawed():
+    collector = Collector(GatewayMetrics(), freeze_after=3600.0, thaw_interval=1e-9)
     collector.install()
     try:
+        gc.freeze()  # as a worker freezes its start-up objects
+        frozen = gc.get_freeze_count()
         node, alive = cycle_watched()
         gc.collect()
         del node
         gc.collect()
-        assert alive() is None
+        assert alive() is None and gc.get_freeze_count() == frozen and collector.first_frozen is None
+        collector.thaw_when_due()  # the collector froze nothing: no thaw
+        assert gc.get_freeze_count() == frozen > 0
     finally:
         collector.remove()
+        gc.unfreeze()

@@ -215,11 +215,11 @@ class ServerSettings:
     max_requests: int = setting(0, doc="Recycle a worker after this many requests (0: never), through a drain.")
     max_requests_jitter: int = setting(0, doc="Add up to this many requests at random to max_requests, per worker.")
     max_memory: Size = setting(Size(0), doc="Recycle a worker whose resident memory exceeds this (0: never).")
-    gc_freeze: bool = setting(
-        True, doc="Freeze what survives each full garbage collection, so later ones walk only newer objects.",
+    gc_freeze_pause: Duration = setting(
+        Duration("20ms"), doc="A full garbage collection longer than this freezes its survivors (0: never).",
     )
     gc_thaw_interval: Duration = setting(
-        Duration("10m"), doc="With gc_freeze: unfreeze and collect everything this often (0: never).",
+        Duration("10m"), doc="Unfreeze and collect everything this long after a freeze (0: never).",
     )
     runtime_dir: str | None = setting(
         None, doc="Pid file, status and metrics files; default /run/plugway as root, else $XDG_RUNTIME_DIR/plugway.",
