@@ -6,8 +6,8 @@ thousands of open WebSockets that is hundreds of thousands of objects, and
 each full collection held every request on that worker for 400 ms
 (loadtest/ws_bench.py, RESULTS.md).
 
-So a full collection that takes longer than ``[server] gc_freeze_pause`` (20 ms)
-freezes what survived it (``gc.freeze``): alive at that moment and likely to stay
+So a full collection that takes more than ``[server] gc_freeze_pause`` (20 ms)
+of CPU freezes what survived it (``gc.freeze``): alive at that moment and likely to stay
 alive (connections, pools, caches), it is left out of the next full collections,
 which walk only what became long-lived since. Only long pauses freeze: a
 frozen object that later dies inside a reference cycle is not reclaimed until
@@ -48,8 +48,9 @@ def freeze_startup_objects() -> None:
 
 class Collector:
     """This process's collections, timed into ``plugway_gc_pause_seconds``; the survivors of a
-    full one longer than ``freeze_after`` seconds frozen, and thawed ``thaw_interval`` seconds
-    after the first freeze (see the module docstring; 0 turns either off).
+    full one that took more than ``freeze_after`` seconds of CPU frozen, and thawed
+    ``thaw_interval`` seconds after the first freeze (see the module docstring; 0 turns either
+    off).
 
     A ``gc.callbacks`` entry between ``install`` and ``remove``; the pauses are added up in the
     worker like the per-request metrics (a young collection runs every few hundred allocations).
@@ -61,7 +62,7 @@ class Collector:
             ("generation",), buckets=PAUSE_BUCKETS, per_request=True,
         )
         self._pauses = [histogram.labels(str(generation)) for generation in range(3)]
-        self._started = 0.0
+        self._started = self._cpu_started = 0.0
         self.freeze_after = freeze_after
         self.thaw_interval = thaw_interval
         self.first_frozen: float | None = None  # monotonic time of the first freeze since the last thaw
@@ -85,13 +86,16 @@ class Collector:
         gc.collect()
 
     def _on_collection(self, phase: str, info: dict[str, Any]) -> None:
+        generation = info["generation"]
         if phase == "start":
             self._started = time.perf_counter()
+            if generation == 2:
+                self._cpu_started = time.thread_time()
             return
-        generation = info["generation"]
-        pause = time.perf_counter() - self._started
-        self._pauses[generation].observe(pause)
-        if generation == 2 and self.freeze_after and pause > self.freeze_after:
+        self._pauses[generation].observe(time.perf_counter() - self._started)
+        # The decision counts the collection's own CPU time: a worker descheduled by a busy machine
+        # in the middle of a short collection has nothing worth freezing.
+        if generation == 2 and self.freeze_after and time.thread_time() - self._cpu_started > self.freeze_after:
             gc.freeze()  # every tracked object is alive now: the collection has just ended
             if self.first_frozen is None:
                 self.first_frozen = time.monotonic()

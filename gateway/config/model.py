@@ -216,7 +216,7 @@ class ServerSettings:
     max_requests_jitter: int = setting(0, doc="Add up to this many requests at random to max_requests, per worker.")
     max_memory: Size = setting(Size(0), doc="Recycle a worker whose resident memory exceeds this (0: never).")
     gc_freeze_pause: Duration = setting(
-        Duration("20ms"), doc="A full garbage collection longer than this freezes its survivors (0: never).",
+        Duration("20ms"), doc="A full garbage collection taking more CPU than this freezes its survivors (0: never).",
     )
     gc_thaw_interval: Duration = setting(
         Duration("10m"), doc="Unfreeze and collect everything this long after a freeze (0: never).",
