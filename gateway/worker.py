@@ -35,9 +35,9 @@ from .config.schema import ConfigErrors
 from .context import RequestContext
 from .errors import GatewayError
 from .forwarding import FORWARDING, TrustedProxies
+from .garbage import Collector, freeze_startup_objects
 from .heartbeat import EXIT_BOOT_FAILED, WorkerChannel
 from .logs import setup_logging
-from .garbage import Collector, freeze_startup_objects
 from .metrics import NO_ROUTE, GatewayMetrics
 from .plugins import PluginSet, load_plugins
 from .requesthead import HeadRules
@@ -305,7 +305,7 @@ class Worker:
         gateway.ready = True
         if self._on_ready is not None:
             self._on_ready(gateway)
-        if self._channel is not None:
+        if worker_process:
             self._channel.send("ready")
             gateway.spawn(self._heartbeat(gateway, collector))
         await self._stop.wait()

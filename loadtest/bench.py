@@ -186,7 +186,8 @@ class Bench:
         """The gateway of d with config.server in its [server] table and config.toml appended to its
         configuration, in config.env."""
         admin_port = free_port()
-        text = self.gateway_config(port, admin_port, False, self.args.workers, server=config.server) + (config.toml or "")
+        text = self.gateway_config(port, admin_port, False, self.args.workers, server=config.server)
+        text += config.toml or ""
         return self.launch_gateway(text, admin_port, tag, config.env)
 
     def launch_gateway(self, text: str, admin_port: int, tag: str,

@@ -389,7 +389,8 @@ async def measure(args: argparse.Namespace) -> str:
     config = work / "plugway.toml"
     config.write_text(gateway_toml(
         port, admin_port, upstream_port, work / "run", workers=args.workers,
-        server="\n".join(["max_connections = 20000", "backlog = 4096", *args.server]), upstream="echo", route="ws", prefix="/ws",
+        server="\n".join(["max_connections = 20000", "backlog = 4096", *args.server]),
+        upstream="echo", route="ws", prefix="/ws",
         extra="[routes.plugins.websocket]\nmax_connections_per_worker = 20000\n"))
     gateway = subprocess.Popen([str(BIN / "plugway"), "run", "-c", str(config)], stdout=(work / "stdout.log").open("wb"),
                                stderr=(work / "stderr.log").open("wb"))
