@@ -2,9 +2,10 @@
 default, `gc_freeze_pause = "20ms"`) against the same gateway with freezing off, round-robin
 (the harness of loadtest/variants.py).
 
-    .venv/bin/python loadtest/gc_bench.py [--rounds 5] [--markdown]
+    .venv/bin/python loadtest/gc_bench.py [--rounds 8] [--markdown]
 
     d         the gateway, no plugins, the default collector policy (gateway/garbage.py)
+    control   the same as d, measured as a variant: how far two identical gateways differ
     nofreeze  the same with `gc_freeze_pause = 0`: the collector as CPython ships it
     always    `gc_freeze_pause = "1us"`: every full collection freezes its survivors
 
@@ -18,7 +19,8 @@ from bench import Config
 
 
 def configs(bench) -> list[Config]:
-    return [Config("nofreeze", "gateway, gc_freeze_pause = 0", toml="", server="gc_freeze_pause = 0"),
+    return [Config("control", "gateway, as d (a control)", toml="", server='gc_freeze_pause = "20ms"'),
+            Config("nofreeze", "gateway, gc_freeze_pause = 0", toml="", server="gc_freeze_pause = 0"),
             Config("always", 'gateway, gc_freeze_pause = "1us"', toml="", server='gc_freeze_pause = "1us"')]
 
 

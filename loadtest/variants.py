@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench import (
-    CONNECTIONS, FOREIGN_WARN, Bench, Config, machine_header, markdown_head, options, parse, plugin_cost_rows, table,
-    text_head,
+    CONNECTIONS, FOREIGN_WARN, Bench, Config, machine_header, markdown_head, options, parse, plugin_cost_rows, rotated,
+    table, text_head,
 )
 from harness import free_port, run_in_scratch, stop
 
@@ -51,7 +51,7 @@ def main(argv: list[str], prog: str, doc: str | None, variants: Callable[[Bench]
             if check:
                 check(bench, configs)
             for round_no in range(1, args.rounds + 1):
-                for config in configs.values():
+                for config in rotated(list(configs.values()), round_no):
                     bench.run_once(config, round_no)
         return report(bench, configs, header, Path(prog).name, after(bench, configs) if after else [])
     return run_in_scratch(name, f"plugway-{name.replace('_', '-')}-", args.keep, measure)
@@ -72,7 +72,7 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], tit
     args = bench.args
     headers = sorted({h.split(":")[0] for c in configs.values() for h in c.headers})
     notes = [
-        f"{args.rounds} round(s), round-robin; each run: fresh start, {args.warmup:g} s wrk warm-up (discarded), "
+        f"{args.rounds} round(s), round-robin, each round begun one variant further; each run: fresh start, {args.warmup:g} s wrk warm-up (discarded), "
         f"`wrk -t1 -c{CONNECTIONS} -d{args.duration:g}s --latency --timeout 5s`"
         + (f" (with the variant's {', '.join(headers)} header)" if headers else "") + ". "
         f"Gateway: {args.workers} worker(s), [log] access = false; upstream: nginx, 1 worker, 100-byte JSON body.",
