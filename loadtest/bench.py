@@ -18,7 +18,7 @@ and, only when --only names them, two measuring instruments (loadtest/probe_prox
        probe the core issue describes; p/b and p/c are what that design reaches here
     r  the same without aiohttp: asyncio.Protocol + httptools on both sides
 
-With --per-plugin, also (round-robin with d, after the configurations selected) the gateway with
+With --per-plugin, also (round-robin with d and the configurations selected) the gateway with
 each [plugins.NAME] table of loadtest/plugins.toml alone, reported as a second table: each plugin's
 cost against d. A plugin that is not installed or does not start is reported as skipped.
 
@@ -478,7 +478,8 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
 
 PLUGIN_NOTES = [
     "Each plugin alone: the gateway of d (same workers and settings) plus that plugin's `[plugins.NAME]` "
-    "table from loadtest/plugins.toml, nothing else; every round runs them after the selected configurations.",
+    "table from loadtest/plugins.toml, nothing else; every round runs them with the selected configurations, "
+    "in an order that begins one run further each round.",
     "plugin/d: per round, the plugin's req/s over d's of the same round, median (min–max). CPU µs/req vs d: "
     "the difference of the medians. Errors other than 0 mean the plugin refused wrk's requests: its "
     "settings in plugins.toml must let a plain GET / through.",
