@@ -82,8 +82,7 @@ async def serve_aiohttp(sock, pool):
     from aiohttp import web, web_server
 
     async def handle(request):
-        headers = [(k, v) for k, v in request.raw_headers]
-        status, out, body = await pool.request(request.method.encode(), request.raw_path.encode(), headers)
+        status, out, body = await pool.request(request.method.encode(), request.raw_path.encode(), request.raw_headers)
         return web.Response(status=status, headers=[(k.decode(), v.decode()) for k, v in out], body=body)
     server = web_server.Server(handle, access_log=None)
     await asyncio.get_running_loop().create_server(server, sock=sock)
