@@ -123,8 +123,9 @@ class GatewayMetrics:
 
 
 class PerRequest:
-    """A plugin's counter or histogram made with ``per_request=True``: its series count here
-    until ``GatewayMetrics.flush`` writes them."""
+    """A counter or histogram made with ``per_request=True`` (the core's or a plugin's): its
+    series count here until ``GatewayMetrics.flush`` writes them, and are kept, so ``labels``
+    needs no cache of its own in the caller."""
 
     def __init__(self, metric: Counter | Histogram, pending: type) -> None:
         self._metric = metric

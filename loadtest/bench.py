@@ -370,6 +370,13 @@ def median_range(values: list[float], fmt: str) -> str:
     return med if len(values) == 1 else f"{med} ({format(min(values), fmt)}–{format(max(values), fmt)})"
 
 
+def rounds_note(args: argparse.Namespace, unit: str) -> str:
+    """How the rounds ran, for a report's notes; unit names what rotates ("configuration")."""
+    return (f"{args.rounds} round(s), round-robin, each round begun one {unit} further; each run: fresh start, "
+            f"{args.warmup:g} s wrk warm-up (discarded), `wrk -t1 -c{CONNECTIONS} -d{args.duration:g}s --latency "
+            "--timeout 5s`")
+
+
 def rotated(items: list, round_no: int) -> list:
     """items, begun one further on each round: no configuration always runs first. In fixed order
     the first one measured about 5% slower than an identical configuration run second
@@ -435,8 +442,7 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], k6_
         ratio_rows.append([f"{title} ({top}/{bottom})", text])
 
     notes = [
-        f"{args.rounds} round(s), round-robin, each round begun one configuration further; each run: fresh start, {args.warmup:g} s wrk warm-up (discarded), "
-        f"`wrk -t1 -c{CONNECTIONS} -d{args.duration:g}s --latency --timeout 5s`.",
+        rounds_note(args, "configuration") + ".",
         "req/s: median over rounds (min–max); p50/p99: median over rounds of wrk's percentiles; "
         "procs: processes in the target's tree during the run; CPU µs/req: CPU time of the target's "
         "process tree (for a: the upstream itself) per request; foreign CPU: CPU used during the measured "

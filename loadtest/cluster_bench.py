@@ -62,6 +62,8 @@ from harness import (
     start_nginx_upstream, stop, stop_all, tail, wait_exit, wait_ready,
 )
 
+T = TypeVar("T")  # what under_load's steps return
+
 K6_SCRIPT = ROOT / "loadtest" / "k6" / "reload.js"
 LOAD_PATH = "/load"  # the route k6 sends its requests to
 LEAD_SECONDS = 3.0  # load before the first reload or kill
@@ -70,7 +72,6 @@ POLL_SECONDS = 0.025  # /status polling interval
 STATUS_TIMEOUT = 30.0  # a reload or a replacement must be done within this
 ROUTE_CHECKS = 8  # GETs of the new route (each on a new connection) after each reload
 BUCKET_SECONDS = 0.1
-T = TypeVar("T")
 RECOVERED_SHARE = 0.9  # "recovered": a 100 ms bucket with >= 90% of the target completions
 KILL_WINDOW_SECONDS = 2.0  # failures this long after a kill are counted against it
 RECOVERY_LIMIT_SECONDS = 1.0

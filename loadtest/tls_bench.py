@@ -45,6 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -57,7 +58,7 @@ from harness import (
 )
 from bench import (
     FOREIGN_WARN, Bench, WrkResult, _md_table, errors_text, machine_header, markdown_head, median_range, ratio_text,
-    wrk,
+    rotated, wrk,
 )
 
 GATEWAY_WORKERS = 2
@@ -234,8 +235,8 @@ class TlsBench(Bench):
         self.resumed: dict[str, list[int]] = {}  # target name -> resumed sessions per probe
         self.handshakes: dict[str, str] = {}  # target name -> TLS version and cipher negotiated
 
-    def gateway_config(self, port: int, admin_port: int, with_plugins: bool, workers: int) -> str:
-        text = super().gateway_config(port, admin_port, with_plugins, workers)
+    def gateway_config(self, port: int, admin_port: int, *args: Any, **kwargs: Any) -> str:
+        text = super().gateway_config(port, admin_port, *args, **kwargs)
         return tls_listener(text, port, self.certs) if self.serve_tls else text
 
     def get(self, target: Target):
@@ -378,8 +379,9 @@ def report(bench: TlsBench, all_series: dict[tuple[str, str], Series], header: d
     notes = [
         f"certificate: {bench.certs.description}, signed by a CA made for the run (SAN 127.0.0.1, localhost); "
         f"the same files for nginx and the gateway. Negotiated by Python's client: {handshakes}.",
-        f"{args.rounds} round(s), round-robin; each run: fresh start, GET / checked (200, 100 bytes; over https "
-        f"verified against the run's CA), {args.warmup:g} s wrk warm-up (discarded), "
+        f"{args.rounds} round(s), round-robin, each round begun one series further; each run: fresh start, "
+        "GET / checked (200, 100 bytes; over https verified against the run's CA), "
+        f"{args.warmup:g} s wrk warm-up (discarded), "
         f"`wrk -t1 -c64 -d{args.duration:g}s --latency --timeout 5s`, plus `-H \"Connection: close\"` for "
         "new connection.",
         "nginx: 1 worker, upstream keep-alive (proxy.conf, proxy-tls.conf). Gateway: no plugins, "
@@ -437,7 +439,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def run_rounds(bench: TlsBench) -> dict[tuple[str, str], Series]:
     all_series = {(t.name, mode): Series(t, mode) for mode in MODES for t in TARGETS}
     for round_no in range(1, bench.args.rounds + 1):
-        for series in all_series.values():
+        for series in rotated(list(all_series.values()), round_no):
             bench.run_once(series, round_no)
     return all_series
 

@@ -4,8 +4,9 @@ plugin benchmarks (plugins/*/bench_*.py), which is scripts/bench's (bench.py).
 A variant is a bench.Config with `toml` set: TOML appended to the configuration of scripts/bench's
 config d (the gateway, no plugins, --workers workers, [log] access = false, the nginx upstream),
 and optionally `server`, lines for d's [server] table, `headers` that wrk (and the GET that checks
-each run) sends and `env` for the gateway. main() takes scripts/bench's options (--rounds, --duration, --warmup, --workers,
---markdown, --keep) and a script's own, runs d and the variants round-robin, each run started
+each run) sends and `env` for the gateway. main() takes scripts/bench's options (--rounds,
+--duration, --warmup, --workers, --markdown, --keep) and a script's own, runs d and the variants
+round-robin (each round begun one variant further), each run started
 fresh, warmed up, measured with wrk and stopped as scripts/bench does, and prints one table:
 req/s median (min–max), CPU µs/req, its difference to d, the per-round req/s ratio to d
 (median, min–max), foreign CPU and errors, as text or Markdown.
@@ -20,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bench import (
-    CONNECTIONS, FOREIGN_WARN, Bench, Config, machine_header, markdown_head, options, parse, plugin_cost_rows, rotated,
+    FOREIGN_WARN, Bench, Config, machine_header, markdown_head, options, parse, plugin_cost_rows, rotated, rounds_note,
     table, text_head,
 )
 from harness import free_port, run_in_scratch, stop
@@ -72,8 +73,7 @@ def report(bench: Bench, configs: dict[str, Config], header: dict[str, str], tit
     args = bench.args
     headers = sorted({h.split(":")[0] for c in configs.values() for h in c.headers})
     notes = [
-        f"{args.rounds} round(s), round-robin, each round begun one variant further; each run: fresh start, {args.warmup:g} s wrk warm-up (discarded), "
-        f"`wrk -t1 -c{CONNECTIONS} -d{args.duration:g}s --latency --timeout 5s`"
+        rounds_note(args, "variant")
         + (f" (with the variant's {', '.join(headers)} header)" if headers else "") + ". "
         f"Gateway: {args.workers} worker(s), [log] access = false; upstream: nginx, 1 worker, 100-byte JSON body.",
         "variant/d: per round, the variant's req/s over d's of the same round, median (min–max). CPU µs/req: "

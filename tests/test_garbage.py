@@ -1,7 +1,9 @@
 """The worker's garbage-collector policy (gateway/garbage.py): pauses timed, survivors frozen until the thaw."""
 
+import contextlib
 import gc
 import weakref
+from collections.abc import Iterator
 
 from gateway.garbage import Collector
 from gateway.metrics import GatewayMetrics
@@ -20,6 +22,18 @@ def cycle_watched() -> tuple[Node, weakref.ref]:
     return node, weakref.ref(node)
 
 
+@contextlib.contextmanager
+def installed(freeze_after: float, thaw_interval: float = 1e-9) -> Iterator[Collector]:
+    """A collector in gc.callbacks for the block; afterwards nothing of this process stays frozen."""
+    collector = Collector(GatewayMetrics(), freeze_after=freeze_after, thaw_interval=thaw_interval)
+    collector.install()
+    try:
+        yield collector
+    finally:
+        collector.remove()
+        gc.unfreeze()
+
+
 async def test_each_garbage_collection_is_timed_by_generation_while_the_gateway_runs(plugway_gateway):
     gateway = await plugway_gateway(proxy_config("http://127.0.0.1:9"))
     before = [gateway.metric("plugway_gc_pause_seconds_count", generation=str(g)) for g in range(3)]
@@ -35,9 +49,7 @@ async def test_each_garbage_collection_is_timed_by_generation_while_the_gateway_
 
 
 def test_the_survivors_of_a_long_full_collection_stay_frozen_until_the_thaw():
-    collector = Collector(GatewayMetrics(), freeze_after=1e-9, thaw_interval=1e-9)  # every pause is long
-    collector.install()
-    try:
+    with installed(freeze_after=1e-9) as collector:  # every pause is long
         node, alive = cycle_watched()
         gc.collect()
         assert gc.get_freeze_count() > 0 and collector.first_frozen is not None
@@ -47,15 +59,10 @@ def test_the_survivors_of_a_long_full_collection_stay_frozen_until_the_thaw():
         collector.thaw_when_due()
         assert alive() is None  # the thaw's full collection reclaimed it
         assert gc.get_freeze_count() > 0  # and, long too, froze its survivors again
-    finally:
-        collector.remove()
-        gc.unfreeze()
 
 
 def test_a_short_full_collection_freezes_nothing_and_start_up_objects_are_not_thawed():
-    collector = Collector(GatewayMetrics(), freeze_after=3600.0, thaw_interval=1e-9)
-    collector.install()
-    try:
+    with installed(freeze_after=3600.0) as collector:
         gc.freeze()  # as a worker freezes its start-up objects
         frozen = gc.get_freeze_count()
         node, alive = cycle_watched()
@@ -65,6 +72,3 @@ def test_a_short_full_collection_freezes_nothing_and_start_up_objects_are_not_th
         assert alive() is None and gc.get_freeze_count() == frozen and collector.first_frozen is None
         collector.thaw_when_due()  # the collector froze nothing: no thaw
         assert gc.get_freeze_count() == frozen > 0
-    finally:
-        collector.remove()
-        gc.unfreeze()

@@ -60,4 +60,3 @@ def test_a_plugins_per_request_metrics_count_like_plain_ones_once_flushed():
     batched.flush()
     assert samples(batched.registry) == samples(direct.registry)
     assert samples(direct.registry)[("plugway_x_total", (("route", "other"),))] == 2.5 * len(DURATIONS)
-

@@ -56,8 +56,11 @@ class StoreServer:
         # Listening under a staging name, then renamed: the path appears only once connections
         # are accepted (whoever waits for it may connect at once), and only with mode 0600.
         staging = f"{self.path}.{os.getpid()}"
-        os.umask(0o177)
-        server = await loop.create_unix_server(lambda: _ServerConnection(self.operations), staging)
+        umask = os.umask(0o177)
+        try:
+            server = await loop.create_unix_server(lambda: _ServerConnection(self.operations), staging)
+        finally:
+            os.umask(umask)
         os.replace(staging, self.path)
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):

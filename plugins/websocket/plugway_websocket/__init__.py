@@ -107,7 +107,6 @@ class WorkerState:
     tick: float = 1.0  # how often the sweeper visits the relays: a quarter of the shortest timeout, at most 1 s
     sweeper: asyncio.Task | None = None
     earlier_steps: dict[str, tuple] = field(default_factory=dict)
-    counters: dict[str, dict] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -263,14 +262,10 @@ async def _accept_client(ctx, settings: WebSocketSettings, state: WorkerState, u
 
 
 def _counters(state: WorkerState, route: str) -> dict:
-    counters = state.counters.get(route)
-    if counters is None:
-        metrics = state.metrics
-        counters = state.counters[route] = {
-            direction: (metrics.messages.labels(route, direction), metrics.bytes.labels(route, direction))
-            for direction in ("client", "upstream")
-        }
-    return counters
+    """Each side's (messages, bytes) series on this route (per-request metrics keep their series)."""
+    metrics = state.metrics
+    return {direction: (metrics.messages.labels(route, direction), metrics.bytes.labels(route, direction))
+            for direction in ("client", "upstream")}
 
 
 # --- timers --------------------------------------------------------------------------------------
